@@ -1,0 +1,1 @@
+"""PyTorch model definitions that deploytool's specs point at."""
