@@ -1,0 +1,110 @@
+"""Images to input tensors with OpenCV, exactly as the spec's preprocessing says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SpecError
+from .spec import ModelSpec, Preprocess
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the original image maps into the network input: x_in = x_orig * scale + pad_x."""
+
+    orig_w: int
+    orig_h: int
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+
+    def to_original(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """Map boxes from network-input pixels back to original-image pixels, clipped to the image."""
+        b = np.asarray(boxes_xyxy, dtype=np.float32).copy()
+        b[:, [0, 2]] = ((b[:, [0, 2]] - self.pad_x) / self.scale_x).clip(0, self.orig_w)
+        b[:, [1, 3]] = ((b[:, [1, 3]] - self.pad_y) / self.scale_y).clip(0, self.orig_h)
+        return b
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Expand folders into their image files (sorted); every path must exist."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise SpecError(f"image path {p} does not exist; pass an image file or a folder with --images")
+    if not found:
+        raise SpecError(f"no images found in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as OpenCV does (BGR, uint8)."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise SpecError(f"{path} is not a readable image (OpenCV could not decode it)")
+    return img
+
+
+def letterbox(img: np.ndarray, width: int, height: int, pad_value: float) -> tuple[np.ndarray, Geometry]:
+    """Resize keeping aspect ratio, then pad evenly (left/top get the smaller half)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    r = min(width / w, height / h)
+    new_w, new_h = round(w * r), round(h * r)
+    resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    out = cv2.copyMakeBorder(
+        resized, top, height - new_h - top, left, width - new_w - left, cv2.BORDER_CONSTANT,
+        value=(pad_value,) * 3,
+    )
+    return out, Geometry(w, h, new_w / w, new_h / h, left, top)
+
+
+def preprocess(img_bgr: np.ndarray, pre: Preprocess, width: int, height: int) -> tuple[np.ndarray, Geometry]:
+    """BGR uint8 image -> float32 NCHW tensor (batch 1) plus its geometry."""
+    import cv2
+
+    h, w = img_bgr.shape[:2]
+    if pre.resize == "letterbox":
+        img, geom = letterbox(img_bgr, width, height, pre.pad_value)
+    else:
+        img = cv2.resize(img_bgr, (width, height), interpolation=cv2.INTER_LINEAR)
+        geom = Geometry(w, h, width / w, height / h, 0.0, 0.0)
+    if pre.color == "rgb":
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    x = img.astype(np.float32) * np.float32(pre.scale)
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), geom
+
+
+def load_inputs(spec: ModelSpec, images: list[Path], shape: tuple[int, ...] | None = None):
+    """[(image path, feed dict, geometry)] for every image, at `shape` (default: the spec's)."""
+    shape = shape or spec.input_shape
+    if len(shape) != 4 or shape[1] != 3:
+        raise SpecError(f"image inputs need a shape like 1,3,H,W; got {','.join(map(str, shape))}")
+    height, width = shape[2], shape[3]
+    items = []
+    for path in collect_images(images):
+        x, geom = preprocess(read_image(path), spec.preprocess, width, height)
+        items.append((path, {spec.input_name: x}, geom))
+    return items
+
+
+def random_input(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded normal input for models that do not take images."""
+    rng = np.random.default_rng(seed)
+    return {spec.input_name: rng.standard_normal(spec.input_shape).astype(np.float32)}
