@@ -1,0 +1,200 @@
+"""The deploytool command line: parse, call the library, render; maps errors to exit codes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import DeployError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Export PyTorch models to TorchScript, ONNX and ncnn, and prove parity on every backend.")
+# Parity tables need ~110 columns; logs and pipes would otherwise get rich's 80.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+ModelArg = Annotated[str, typer.Argument(help="name in models/ (resnet18), a .toml spec, or pkg.module:factory")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="artifact folder [default: out/MODEL]")]
+ShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="e.g. 1,3,224,224 (required for pkg:factory)")]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", help="state_dict checkpoint (loaded weights_only)")]
+OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset")]
+ConverterOpt = Annotated[str, typer.Option("--converter", help="pnnx | pnnx-onnx | onnx2ncnn")]
+Onnx2ncnnOpt = Annotated[str | None, typer.Option("--onnx2ncnn", help="path to an onnx2ncnn binary")]
+Fp16Opt = Annotated[bool, typer.Option("--fp16", help="let pnnx write fp16 weights (default fp32)")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="CPU threads for every backend")]
+
+
+def _fail(exc: DeployError) -> None:
+    err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def run(
+    model: ModelArg,
+    out: OutOpt = None,
+    backends: Annotated[str | None, typer.Option(
+        "--backends", help="comma-separated; default torch,onnxruntime,ncnn-cpu,ncnn-vulkan")] = None,
+    images: Annotated[list[Path] | None, typer.Option("--images", help="image file or folder (repeatable)")] = None,
+    converter: ConverterOpt = "pnnx",
+    onnx2ncnn: Onnx2ncnnOpt = None,
+    opset: OpsetOpt = 17,
+    input_shape: ShapeOpt = None,
+    weights: WeightsOpt = None,
+    ncnn_precision: Annotated[str, typer.Option(
+        "--ncnn-precision", help="fp32 (parity) or fp16 (ncnn's fast defaults)")] = "fp32",
+    fp16: Fp16Opt = False,
+    threads: ThreadsOpt = 2,
+    report: Annotated[Path | None, typer.Option("--report", help="write report.json here")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here")] = None,
+) -> None:
+    """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
+    from .pipeline import RunOptions
+    from .pipeline import run as run_pipeline
+    from .report import console_summary, write_json, write_junit
+    from .spec import load_spec
+
+    try:
+        spec = load_spec(model, input_shape)
+        if images is None and spec.task != "raw":
+            images = [_default_images()]
+        opts = RunOptions(
+            out=out or Path("out") / spec.name, backends=backends, images=list(images or []),
+            converter=converter, onnx2ncnn=onnx2ncnn, opset=opset, weights=weights,
+            ncnn_precision=ncnn_precision, fp16_weights=fp16, threads=threads,
+        )
+        result = run_pipeline(spec, opts)
+    except DeployError as exc:
+        _fail(exc)
+    console_summary(result, console)
+    for path, writer in ((report, write_json), (junit, write_junit)):
+        if path is not None:
+            writer(result, path)
+            console.print(f"  wrote {path}")
+    raise typer.Exit(0 if result["passed"] else 1)
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    out: OutOpt = None,
+    formats: Annotated[str, typer.Option("--formats", help="torchscript,onnx")] = "torchscript,onnx",
+    opset: OpsetOpt = 17,
+    input_shape: ShapeOpt = None,
+    weights: WeightsOpt = None,
+) -> None:
+    """Export MODEL to TorchScript and/or ONNX."""
+    import torch
+
+    from .export import export_onnx, export_torchscript
+    from .spec import build_model, load_spec
+
+    try:
+        wanted = [f.strip() for f in formats.split(",") if f.strip()]
+        bad = [f for f in wanted if f not in ("torchscript", "onnx")]
+        if bad or not wanted:
+            raise _spec_error(f"unknown format(s) {', '.join(bad) or '(none)'}; use --formats torchscript,onnx")
+        spec = load_spec(model, input_shape)
+        folder = out or Path("out") / spec.name
+        net = build_model(spec, weights)
+        example = torch.zeros(spec.input_shape)
+        if "torchscript" in wanted:
+            console.print(f"wrote {export_torchscript(net, example, folder / 'model.pt')}")
+        if "onnx" in wanted:
+            path = export_onnx(net, example, folder / "model.onnx", [spec.input_name], spec.output_names,
+                               opset=opset, dynamic=bool(spec.dynamic_shapes))
+            console.print(f"wrote {path}")
+    except DeployError as exc:
+        _fail(exc)
+
+
+@app.command()
+def convert(
+    file: Annotated[Path, typer.Argument(help="model.pt (TorchScript) or model.onnx")],
+    converter: Annotated[str | None, typer.Option(
+        "--converter", help="pnnx | pnnx-onnx | onnx2ncnn [default: from the file's suffix]")] = None,
+    input_shape: ShapeOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder [default: beside FILE]")] = None,
+    onnx2ncnn: Onnx2ncnnOpt = None,
+    fp16: Fp16Opt = False,
+) -> None:
+    """Convert a TorchScript or ONNX file to ncnn .param/.bin."""
+    from .convert import convert as run_convert
+    from .spec import parse_shape
+
+    try:
+        if not file.is_file():
+            raise _spec_error(f"{file} does not exist")
+        if converter is None:
+            converter = "pnnx" if file.suffix == ".pt" else "pnnx-onnx"
+        if converter.startswith("pnnx") and input_shape is None:
+            raise _spec_error("pnnx needs the input shape: pass --input-shape 1,3,224,224")
+        shape = parse_shape(input_shape) if input_shape else (1, 3, 224, 224)
+        result = run_convert(file, out or file.parent, converter, shape, fp16_weights=fp16, onnx2ncnn=onnx2ncnn)
+    except DeployError as exc:
+        _fail(exc)
+    console.print(f"wrote {result.param} and {result.bin} (inputs {result.input_names}, "
+                  f"outputs {result.output_names}); log: {result.log}")
+
+
+@app.command()
+def doctor() -> None:
+    """Versions of every tool, Vulkan devices, and which converters are present."""
+    from .backends import RUNNERS
+    from .backends.ncnn_runner import vulkan_device_name
+    from .convert import find_onnx2ncnn, find_pnnx
+    from .pipeline import versions
+
+    for name, ver in versions().items():
+        console.print(f"{name:12} {ver or '[red]not installed[/]'}")
+    device = vulkan_device_name()
+    console.print(f"{'vulkan':12} {device or '[yellow]no device[/] (apt-get install libvulkan1 mesa-vulkan-drivers)'}")
+    console.print(f"{'pnnx binary':12} {find_pnnx() or '[red]missing[/]'}")
+    console.print(f"{'onnx2ncnn':12} {find_onnx2ncnn() or '[yellow]not on PATH[/] (use --converter pnnx-onnx)'}")
+    for name, cls in RUNNERS.items():
+        ok, reason = cls.available()
+        console.print(f"backend {name:12} {'[green]available[/]' if ok else '[yellow]unavailable[/]: ' + reason}")
+
+
+@app.command()
+def models() -> None:
+    """List the model specs in models/."""
+    from .spec import available_models, load_spec
+
+    for name in available_models():
+        spec = load_spec(name)
+        console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {spec.factory}")
+
+
+@app.callback(invoke_without_command=True)
+def _main(version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False) -> None:
+    if version:
+        console.print(f"deploytool {__version__}")
+        raise typer.Exit(0)
+
+
+def _spec_error(msg: str):
+    from .errors import SpecError
+
+    return SpecError(msg)
+
+
+def _default_images() -> Path:
+    here = Path.cwd() / "images"
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "images"
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

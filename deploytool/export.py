@@ -1,0 +1,60 @@
+"""Export an nn.Module to TorchScript (trace) and ONNX (TorchScript-based exporter + onnx.checker)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import ExportError
+
+DEFAULT_OPSET = 17
+
+
+def export_torchscript(model, example, path: Path) -> Path:
+    """Trace `model` on `example` and save it atomically to `path`."""
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, example)
+    except Exception as exc:
+        raise ExportError(f"torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
+    with atomic_path(path) as tmp:
+        traced.save(str(tmp))
+    return path
+
+
+def export_onnx(
+    model,
+    example,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = False,
+) -> Path:
+    """Export with torch's TorchScript-based ONNX exporter (dynamo=False, chosen deliberately:
+    it needs no onnxscript and keeps the spec's input/output names), then run onnx.checker."""
+    import onnx
+    import torch
+
+    if not 7 <= opset <= 21:
+        raise ExportError(f"--opset {opset} is outside what this exporter supports (7..21); try --opset 17")
+    # Only the input's H and W are declared dynamic; the exporter derives the outputs' shapes.
+    dynamic_axes = {input_names[0]: {2: "height", 3: "width"}} if dynamic else None
+    with atomic_path(path) as tmp:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                )
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+        except Exception as exc:
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+    return path

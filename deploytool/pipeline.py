@@ -1,0 +1,223 @@
+"""Wires the stages: spec -> model -> export -> convert -> run every backend -> compare -> report dict."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backends import (
+    NCNN_BACKENDS,
+    REFERENCE,
+    Artifacts,
+    availability,
+    create_runner,
+    parse_backends,
+)
+from .compare import compare_tensors, topk_agreement
+from .convert import convert, pnnx_version
+from .errors import BackendUnavailable, SpecError
+from .export import DEFAULT_OPSET, export_onnx, export_torchscript
+from .inputs import collect_images, load_inputs, random_input
+from .spec import ModelSpec, build_model
+
+SCHEMA = 1
+
+
+@dataclass
+class RunOptions:
+    """Everything `deploytool run` takes besides the model."""
+
+    out: Path
+    backends: str | None = None  # None: the default set, unavailable ones reported and skipped
+    images: list[Path] = field(default_factory=list)
+    converter: str = "pnnx"
+    onnx2ncnn: str | None = None
+    opset: int = DEFAULT_OPSET
+    weights: str | None = None
+    ncnn_precision: str = "fp32"
+    fp16_weights: bool = False
+    threads: int = 2
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.stages: dict[str, dict] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = {"seconds": round(time.perf_counter() - start, 4)}
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"deploytool": __version__, "python": platform.python_version()}
+    for key, dist in (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
+                      ("ncnn", "ncnn"), ("opencv", "opencv-python-headless")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = None
+    out["pnnx"] = pnnx_version()
+    return out
+
+
+def _by_spec_name(result: dict, spec_names: list[str]) -> dict:
+    """Name a backend's outputs as the spec does: by name when they agree, else by position
+    (pnnx's out0, out1, … in numeric order)."""
+    if set(result) == set(spec_names):
+        return {n: result[n] for n in spec_names}
+    keys = list(result)
+    if all(re.fullmatch(r"out\d+", k) for k in keys):
+        keys.sort(key=lambda k: int(k[3:]))
+    if len(keys) != len(spec_names):
+        raise SpecError(f"backend produced outputs {keys} but the spec names {spec_names}; fix output.names")
+    return {n: result[k] for n, k in zip(spec_names, keys, strict=True)}
+
+
+def select_backends(requested: str | None) -> tuple[list[str], dict[str, dict]]:
+    """Backends to run and the availability of each. An explicitly requested backend that cannot run
+    raises BackendUnavailable; from the default set it is reported and skipped."""
+    names = parse_backends(requested)
+    info: dict[str, dict] = {}
+    runnable = []
+    for name in names:
+        ok, reason = availability(name)
+        info[name] = {"available": ok, "reason": reason, "device": None}
+        if ok:
+            runnable.append(name)
+        elif requested is not None:
+            raise BackendUnavailable(f"backend {name} is unavailable: {reason}")
+    if REFERENCE not in runnable:
+        runnable.insert(0, REFERENCE)
+        info.setdefault(REFERENCE, {"available": True, "reason": None, "device": "cpu"})
+    return runnable, info
+
+
+def run(spec: ModelSpec, opts: RunOptions) -> dict:
+    """Run the whole pipeline; returns report.json's dict (schema 1). Never raises for a parity
+    failure: `report["passed"]` says it."""
+    timer = StageTimer()
+    backends, backend_info = select_backends(opts.backends)
+    images = collect_images(opts.images) if opts.images else []
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with timer.stage("load"):
+        model = build_model(spec, opts.weights)
+    if images:
+        items = load_inputs(spec, images)
+    else:
+        items = [("random(seed=0)", random_input(spec), None)]
+    example = _example_tensor(items[0][1][spec.input_name])
+
+    art = Artifacts(model=model)
+    with timer.stage("export"):
+        art.torchscript = export_torchscript(model, example, out / "model.pt")
+        art.onnx = export_onnx(model, example, out / "model.onnx", [spec.input_name], spec.output_names,
+                               opset=opts.opset, dynamic=bool(spec.dynamic_shapes))
+    converted = None
+    if any(b in NCNN_BACKENDS for b in backends):
+        source = art.torchscript if opts.converter == "pnnx" else art.onnx
+        with timer.stage("convert"):
+            converted = convert(
+                source, out, opts.converter, spec.input_shape,
+                spec.dynamic_shapes[0] if spec.dynamic_shapes else None,
+                fp16_weights=opts.fp16_weights, moduleop=spec.pnnx_moduleop, onnx2ncnn=opts.onnx2ncnn,
+            )
+        art.ncnn_param, art.ncnn_bin = converted.param, converted.bin
+
+    results: dict[str, list[dict]] = {}
+    for name in backends:
+        runner = create_runner(name, art, [spec.input_name], spec.output_names, opts.ncnn_precision, opts.threads)
+        latencies = []
+        with timer.stage(f"infer:{name}"), runner:
+            backend_info[name]["device"] = runner.device()
+            outs = []
+            for _, feed, _ in items:
+                result = runner.infer(_ncnn_feed(feed, converted) if name in NCNN_BACKENDS else feed)
+                latencies.append(runner.last_latency_s)
+                outs.append(_by_spec_name(result, spec.output_names))
+        results[name] = outs
+        backend_info[name]["latency_ms_median"] = round(statistics.median(latencies) * 1e3, 3)
+        if name in NCNN_BACKENDS:
+            backend_info[name]["precision"] = opts.ncnn_precision
+
+    with timer.stage("compare"):
+        comparisons, task = _compare(spec, items, results, opts.ncnn_precision)
+    passed = all(c["passed"] for c in comparisons) and all(t.get("passed", True) for t in task.values())
+    return {
+        "schema": SCHEMA,
+        "model": spec.name,
+        "spec": spec.source,
+        "passed": passed,
+        "versions": versions(),
+        "artifacts": {
+            "torchscript": str(art.torchscript), "onnx": str(art.onnx),
+            "ncnn_param": str(art.ncnn_param) if art.ncnn_param else None,
+            "ncnn_bin": str(art.ncnn_bin) if art.ncnn_bin else None,
+            "converter": opts.converter if converted else None,
+            "converter_log": str(converted.log) if converted else None,
+            "fp16_weights": opts.fp16_weights,
+        },
+        "input": {"name": spec.input_name, "shape": list(spec.input_shape)},
+        "backends": backend_info,
+        "stages": timer.stages,
+        "comparisons": comparisons,
+        "task": task,
+    }
+
+
+def _example_tensor(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _ncnn_feed(feed: dict, converted) -> dict:
+    """Rename the spec's input to the blob name in the .param (pnnx writes in0, onnx2ncnn the ONNX name)."""
+    names = converted.input_names
+    if len(names) != len(feed):
+        raise SpecError(f"the .param has inputs {names} but the model takes {list(feed)}")
+    return dict(zip(names, feed.values(), strict=True))
+
+
+def _compare(spec: ModelSpec, items, results: dict, precision: str) -> tuple[list[dict], dict]:
+    comparisons = []
+    task: dict[str, dict] = {}
+    ref_outs = results[REFERENCE]
+    for backend, outs in results.items():
+        if backend == REFERENCE:
+            continue
+        prec = precision if backend in NCNN_BACKENDS else "fp32"
+        tol = spec.tolerance(backend, prec)
+        for (label, _, _), ref, got in zip(items, ref_outs, outs, strict=True):
+            for name in spec.output_names:
+                c = compare_tensors(ref[name], got[name], tol, backend=backend, reference=REFERENCE,
+                                    input=str(label), output=name)
+                comparisons.append(c.to_dict())
+        if spec.task == "classify":
+            task[backend] = _classify_agreement(spec, ref_outs, outs)
+    return comparisons, task
+
+
+def _classify_agreement(spec: ModelSpec, ref_outs: list[dict], outs: list[dict]) -> dict:
+    k = int(spec.task_args.get("top_k", 5))
+    name = spec.output_names[0]
+    per_input = [topk_agreement(r[name], g[name], k) for r, g in zip(ref_outs, outs, strict=True)]
+    top1 = sum(p["top1_match"] for p in per_input) / len(per_input)
+    topk = sum(p[f"top{k}_overlap"] for p in per_input) / len(per_input)
+    return {"top1_agreement": top1, f"top{k}_agreement": topk, "per_input": per_input,
+            "passed": top1 == 1.0}

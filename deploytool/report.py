@@ -1,0 +1,97 @@
+"""Render a run's report: console table, report.json, JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .atomic import write_text
+
+
+def _fmt(v) -> str:
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return "-"
+    return f"{v:.3g}"
+
+
+def console_summary(report: dict, console: Console) -> None:
+    """The parity table (worst case per backend and output), task agreement and stage timings."""
+    table = Table(title=f"{report['model']}: parity against {_reference(report)}")
+    for col in ("backend", "output", "inputs", "max_abs", "max_rel", "cosine", "atol/rtol", "min atol", "result"):
+        table.add_column(col, justify="right" if col not in ("backend", "output", "result") else "left")
+    for (backend, output), rows in _group(report["comparisons"]).items():
+        worst = max(rows, key=lambda r: _num(r["max_abs"]))
+        ok = all(r["passed"] for r in rows)
+        table.add_row(
+            backend, output, str(len(rows)), _fmt(worst["max_abs"]), _fmt(worst["max_rel"]),
+            _fmt(min(_num(r["cosine"]) for r in rows)), f"{worst['atol']:.0e}/{worst['rtol']:.0e}",
+            _fmt(max(_num(r["min_atol"]) for r in rows)),
+            "[green]pass[/]" if ok else "[red]FAIL[/]" + (f" ({worst['reason']})" if worst.get("reason") else ""),
+        )
+    console.print(table)
+    for backend, t in report.get("task", {}).items():
+        keys = [k for k in t if k.endswith("_agreement")]
+        text = ", ".join(f"{k} {t[k]:.2f}" for k in keys)
+        console.print(f"  {backend}: {text} [{'green]pass' if t.get('passed', True) else 'red]FAIL'}[/]")
+    for name, info in report["backends"].items():
+        if not info["available"]:
+            console.print(f"  [yellow]skipped {name}[/]: {info['reason']}")
+        elif info.get("latency_ms_median") is not None:
+            dev = f" on {info['device']}" if info.get("device") not in (None, "cpu") else ""
+            console.print(f"  {name}{dev}: median {info['latency_ms_median']:.2f} ms per inference")
+    stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report["stages"].items())
+    console.print(f"  stages: {stages}")
+    verdict = "[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]"
+    console.print(f"{verdict}: {sum(c['passed'] for c in report['comparisons'])}/{len(report['comparisons'])} "
+                  "tensor checks passed")
+
+
+def _reference(report: dict) -> str:
+    return report["comparisons"][0]["reference"] if report["comparisons"] else "torch"
+
+
+def _num(v) -> float:
+    return float(v) if not isinstance(v, str) else float("inf")
+
+
+def _group(comparisons: list[dict]) -> dict:
+    groups: dict = {}
+    for c in comparisons:
+        groups.setdefault((c["backend"], c["output"]), []).append(c)
+    return groups
+
+
+def write_json(report: dict, path: Path | str) -> Path:
+    return write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+
+
+def write_junit(report: dict, path: Path | str) -> Path:
+    """One testcase per (backend, input, output), plus one per task-level check."""
+    suite = ET.Element("testsuite", name=f"deploytool.{report['model']}")
+    failures = 0
+    for c in report["comparisons"]:
+        case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.{c['backend']}",
+                             name=f"{Path(c['input']).name}:{c['output']}")
+        if not c["passed"]:
+            failures += 1
+            msg = c.get("reason") or (
+                f"max_abs {_fmt(c['max_abs'])} max_rel {_fmt(c['max_rel'])} exceeds atol {c['atol']} "
+                f"rtol {c['rtol']}; smallest passing atol {_fmt(c['min_atol'])}"
+            )
+            ET.SubElement(case, "failure", message=msg)
+    for backend, t in report.get("task", {}).items():
+        case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.{backend}", name="task")
+        if not t.get("passed", True):
+            failures += 1
+            ET.SubElement(case, "failure", message=json.dumps({k: v for k, v in t.items() if k != "per_input"}))
+    suite.set("tests", str(len(suite)))
+    suite.set("failures", str(failures))
+    suite.set("time", str(sum(s["seconds"] for s in report.get("stages", {}).values())))
+    ET.indent(suite)
+    return write_text(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
