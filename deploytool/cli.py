@@ -12,16 +12,25 @@ from rich.console import Console
 from . import __version__
 from .errors import DeployError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Export PyTorch models to TorchScript, ONNX and ncnn, and prove parity on every backend.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Export PyTorch models to TorchScript, ONNX and ncnn, and prove parity on every backend.",
+)
 # Parity tables need ~110 columns; logs and pipes would otherwise get rich's 80.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-ModelArg = Annotated[str, typer.Argument(help="name in models/ (resnet18), a .toml spec, or pkg.module:factory")]
+ModelArg = Annotated[
+    str, typer.Argument(help="name in models/ (resnet18), a .toml spec, or pkg.module:factory")
+]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="artifact folder [default: out/MODEL]")]
-ShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="e.g. 1,3,224,224 (required for pkg:factory)")]
-WeightsOpt = Annotated[str | None, typer.Option("--weights", help="state_dict checkpoint (loaded weights_only)")]
+ShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", help="e.g. 1,3,224,224 (required for pkg:factory)")
+]
+WeightsOpt = Annotated[
+    str | None, typer.Option("--weights", help="state_dict checkpoint (loaded weights_only)")
+]
 OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset")]
 ConverterOpt = Annotated[str, typer.Option("--converter", help="pnnx | pnnx-onnx | onnx2ncnn")]
 Onnx2ncnnOpt = Annotated[str | None, typer.Option("--onnx2ncnn", help="path to an onnx2ncnn binary")]
@@ -34,28 +43,104 @@ def _fail(exc: DeployError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+BackendsOpt = Annotated[
+    str | None,
+    typer.Option("--backends", help="comma-separated; default torch,onnxruntime,ncnn-cpu,ncnn-vulkan"),
+]
+ImagesOpt = Annotated[list[Path] | None, typer.Option("--images", help="image file or folder (repeatable)")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--ncnn-precision", help="fp32 (parity) or fp16 (ncnn's fast defaults)")
+]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="also write report.json here")]
+JunitOpt = Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here")]
+
+
 @app.command()
 def run(
     model: ModelArg,
     out: OutOpt = None,
-    backends: Annotated[str | None, typer.Option(
-        "--backends", help="comma-separated; default torch,onnxruntime,ncnn-cpu,ncnn-vulkan")] = None,
-    images: Annotated[list[Path] | None, typer.Option("--images", help="image file or folder (repeatable)")] = None,
+    backends: BackendsOpt = None,
+    images: ImagesOpt = None,
     converter: ConverterOpt = "pnnx",
     onnx2ncnn: Onnx2ncnnOpt = None,
     opset: OpsetOpt = 17,
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
-    ncnn_precision: Annotated[str, typer.Option(
-        "--ncnn-precision", help="fp32 (parity) or fp16 (ncnn's fast defaults)")] = "fp32",
+    ncnn_precision: PrecisionOpt = "fp32",
     fp16: Fp16Opt = False,
     threads: ThreadsOpt = 2,
-    report: Annotated[Path | None, typer.Option("--report", help="write report.json here")] = None,
-    junit: Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here")] = None,
+    report: ReportOpt = None,
+    junit: JunitOpt = None,
 ) -> None:
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
-    from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
+
+    def go(spec, opts):
+        return run_pipeline(spec, opts)
+
+    _check(
+        go,
+        model,
+        input_shape,
+        out,
+        backends,
+        images,
+        weights,
+        ncnn_precision,
+        threads,
+        report,
+        junit,
+        converter=converter,
+        onnx2ncnn=onnx2ncnn,
+        opset=opset,
+        fp16_weights=fp16,
+    )
+
+
+@app.command()
+def parity(
+    folder: Annotated[Path, typer.Argument(help="the --out folder of an earlier `deploytool run`")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="spec of the model in FOLDER [default: from its report.json]"),
+    ] = None,
+    backends: BackendsOpt = None,
+    images: ImagesOpt = None,
+    input_shape: ShapeOpt = None,
+    weights: WeightsOpt = None,
+    ncnn_precision: PrecisionOpt = "fp32",
+    threads: ThreadsOpt = 2,
+    report: ReportOpt = None,
+    junit: JunitOpt = None,
+) -> None:
+    """Compare backends on artifacts that already exist (nothing is exported or converted)."""
+    from .pipeline import parity as run_parity
+    from .pipeline import spec_of_folder
+
+    try:
+        model = model or spec_of_folder(folder)
+    except DeployError as exc:
+        _fail(exc)
+    _check(
+        lambda spec, opts: run_parity(spec, folder, opts),
+        model,
+        input_shape,
+        folder,
+        backends,
+        images,
+        weights,
+        ncnn_precision,
+        threads,
+        report,
+        junit,
+    )
+
+
+def _check(
+    go, model, input_shape, out, backends, images, weights, precision, threads, report, junit, **extra
+):
+    """Shared body of `run` and `parity`: build options, run, render, exit 0/1."""
+    from .pipeline import RunOptions
     from .report import console_summary, write_json, write_junit
     from .spec import load_spec
 
@@ -64,18 +149,27 @@ def run(
         if images is None and spec.task != "raw":
             images = [_default_images()]
         opts = RunOptions(
-            out=out or Path("out") / spec.name, backends=backends, images=list(images or []),
-            converter=converter, onnx2ncnn=onnx2ncnn, opset=opset, weights=weights,
-            ncnn_precision=ncnn_precision, fp16_weights=fp16, threads=threads,
+            out=Path(out or Path("out") / spec.name),
+            backends=backends,
+            images=list(images or []),
+            weights=weights,
+            ncnn_precision=precision,
+            threads=threads,
+            **extra,
         )
-        result = run_pipeline(spec, opts)
+        result = go(spec, opts)
     except DeployError as exc:
         _fail(exc)
     console_summary(result, console)
-    for path, writer in ((report, write_json), (junit, write_junit)):
+    paths = [(opts.out / "report.json", write_json), (report, write_json), (junit, write_junit)]
+    for path, writer in paths:
         if path is not None:
             writer(result, path)
-            console.print(f"  wrote {path}")
+    console.print(
+        f"  report: {opts.out / 'report.json'}"
+        + (f", {report}" if report else "")
+        + (f", JUnit {junit}" if junit else "")
+    )
     raise typer.Exit(0 if result["passed"] else 1)
 
 
@@ -98,7 +192,9 @@ def export(
         wanted = [f.strip() for f in formats.split(",") if f.strip()]
         bad = [f for f in wanted if f not in ("torchscript", "onnx")]
         if bad or not wanted:
-            raise _spec_error(f"unknown format(s) {', '.join(bad) or '(none)'}; use --formats torchscript,onnx")
+            raise _spec_error(
+                f"unknown format(s) {', '.join(bad) or '(none)'}; use --formats torchscript,onnx"
+            )
         spec = load_spec(model, input_shape)
         folder = out or Path("out") / spec.name
         net = build_model(spec, weights)
@@ -106,8 +202,15 @@ def export(
         if "torchscript" in wanted:
             console.print(f"wrote {export_torchscript(net, example, folder / 'model.pt')}")
         if "onnx" in wanted:
-            path = export_onnx(net, example, folder / "model.onnx", [spec.input_name], spec.output_names,
-                               opset=opset, dynamic=bool(spec.dynamic_shapes))
+            path = export_onnx(
+                net,
+                example,
+                folder / "model.onnx",
+                [spec.input_name],
+                spec.output_names,
+                opset=opset,
+                dynamic=bool(spec.dynamic_shapes),
+            )
             console.print(f"wrote {path}")
     except DeployError as exc:
         _fail(exc)
@@ -116,8 +219,10 @@ def export(
 @app.command()
 def convert(
     file: Annotated[Path, typer.Argument(help="model.pt (TorchScript) or model.onnx")],
-    converter: Annotated[str | None, typer.Option(
-        "--converter", help="pnnx | pnnx-onnx | onnx2ncnn [default: from the file's suffix]")] = None,
+    converter: Annotated[
+        str | None,
+        typer.Option("--converter", help="pnnx | pnnx-onnx | onnx2ncnn [default: from the file's suffix]"),
+    ] = None,
     input_shape: ShapeOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="output folder [default: beside FILE]")] = None,
     onnx2ncnn: Onnx2ncnnOpt = None,
@@ -135,11 +240,15 @@ def convert(
         if converter.startswith("pnnx") and input_shape is None:
             raise _spec_error("pnnx needs the input shape: pass --input-shape 1,3,224,224")
         shape = parse_shape(input_shape) if input_shape else (1, 3, 224, 224)
-        result = run_convert(file, out or file.parent, converter, shape, fp16_weights=fp16, onnx2ncnn=onnx2ncnn)
+        result = run_convert(
+            file, out or file.parent, converter, shape, fp16_weights=fp16, onnx2ncnn=onnx2ncnn
+        )
     except DeployError as exc:
         _fail(exc)
-    console.print(f"wrote {result.param} and {result.bin} (inputs {result.input_names}, "
-                  f"outputs {result.output_names}); log: {result.log}")
+    console.print(
+        f"wrote {result.param} and {result.bin} (inputs {result.input_names}, "
+        f"outputs {result.output_names}); log: {result.log}"
+    )
 
 
 @app.command()
@@ -153,12 +262,18 @@ def doctor() -> None:
     for name, ver in versions().items():
         console.print(f"{name:12} {ver or '[red]not installed[/]'}")
     device = vulkan_device_name()
-    console.print(f"{'vulkan':12} {device or '[yellow]no device[/] (apt-get install libvulkan1 mesa-vulkan-drivers)'}")
+    console.print(
+        f"{'vulkan':12} {device or '[yellow]no device[/] (apt-get install libvulkan1 mesa-vulkan-drivers)'}"
+    )
     console.print(f"{'pnnx binary':12} {find_pnnx() or '[red]missing[/]'}")
-    console.print(f"{'onnx2ncnn':12} {find_onnx2ncnn() or '[yellow]not on PATH[/] (use --converter pnnx-onnx)'}")
+    console.print(
+        f"{'onnx2ncnn':12} {find_onnx2ncnn() or '[yellow]not on PATH[/] (use --converter pnnx-onnx)'}"
+    )
     for name, cls in RUNNERS.items():
         ok, reason = cls.available()
-        console.print(f"backend {name:12} {'[green]available[/]' if ok else '[yellow]unavailable[/]: ' + reason}")
+        console.print(
+            f"backend {name:12} {'[green]available[/]' if ok else '[yellow]unavailable[/]: ' + reason}"
+        )
 
 
 @app.command()
@@ -172,7 +287,9 @@ def models() -> None:
 
 
 @app.callback(invoke_without_command=True)
-def _main(version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False) -> None:
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
     if version:
         console.print(f"deploytool {__version__}")
         raise typer.Exit(0)

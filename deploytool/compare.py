@@ -53,10 +53,20 @@ def compare_tensors(ref: np.ndarray, got: np.ndarray, tol: Tolerance, **ident) -
     aligned = align(ref, np.asarray(got, dtype=np.float64))
     if aligned is None:
         nan = float("nan")
-        return TensorComparison(**ident, max_abs=nan, max_rel=nan, mean_abs=nan, cosine=nan, atol=tol.atol,
-                                rtol=tol.rtol, passed=False, min_atol=float("inf"), min_rtol=float("inf"),
-                                elements=int(ref.size),
-                                reason=f"shape mismatch: reference {list(ref.shape)}, got {list(np.shape(got))}")
+        return TensorComparison(
+            **ident,
+            max_abs=nan,
+            max_rel=nan,
+            mean_abs=nan,
+            cosine=nan,
+            atol=tol.atol,
+            rtol=tol.rtol,
+            passed=False,
+            min_atol=float("inf"),
+            min_rtol=float("inf"),
+            elements=int(ref.size),
+            reason=f"shape mismatch: reference {list(ref.shape)}, got {list(np.shape(got))}",
+        )
     diff = np.abs(aligned - ref)
     mag = np.abs(ref)
     finite = bool(np.isfinite(aligned).all())
@@ -92,5 +102,9 @@ def topk(logits: np.ndarray, k: int) -> list[int]:
 def topk_agreement(ref: np.ndarray, got: np.ndarray, k: int = 5) -> dict:
     """Top-1 equality and the share of the reference's top-k found in the backend's top-k."""
     r, g = topk(ref, k), topk(got, k)
-    return {"top1_ref": r[0], "top1": g[0], "top1_match": r[0] == g[0],
-            f"top{k}_overlap": len(set(r) & set(g)) / k}
+    return {
+        "top1_ref": r[0],
+        "top1": g[0],
+        "top1_match": r[0] == g[0],
+        f"top{k}_overlap": len(set(r) & set(g)) / k,
+    }

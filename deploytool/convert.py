@@ -62,7 +62,9 @@ def _run_tool(cmd: list[str], log: Path, cwd: Path, stage: str) -> None:
     if proc.returncode != 0:
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
         hint = f" (last line: {tail[0].strip()[:200]})" if tail else ""
-        raise ConvertError(f"{stage}: {Path(cmd[0]).name} exited with code {proc.returncode}{hint}; log: {log}")
+        raise ConvertError(
+            f"{stage}: {Path(cmd[0]).name} exited with code {proc.returncode}{hint}; log: {log}"
+        )
 
 
 def _finish(tmp_param: Path, tmp_bin: Path, param: Path, bin_: Path, stage: str, log: Path) -> None:
@@ -103,8 +105,12 @@ def convert(
                     f"converter onnx2ncnn is unavailable: {where} (ncnn no longer builds it by default); "
                     "pass --onnx2ncnn PATH or use --converter pnnx-onnx"
                 )
-            _run_tool([tool, str(source.resolve()), str(tmp_param.resolve()), str(tmp_bin.resolve())],
-                      log, out_dir, "convert (onnx2ncnn)")
+            _run_tool(
+                [tool, str(source.resolve()), str(tmp_param.resolve()), str(tmp_bin.resolve())],
+                log,
+                out_dir,
+                "convert (onnx2ncnn)",
+            )
         else:
             tool = find_pnnx()
             if tool is None:
@@ -113,11 +119,17 @@ def convert(
             work.mkdir(exist_ok=True)
             stem = work.resolve() / "model"
             cmd = [
-                tool, str(source.resolve()), f"inputshape={shape_arg(input_shape)}",
+                tool,
+                str(source.resolve()),
+                f"inputshape={shape_arg(input_shape)}",
                 f"fp16={int(fp16_weights)}",
-                f"ncnnparam={tmp_param.resolve()}", f"ncnnbin={tmp_bin.resolve()}",
-                f"pnnxparam={stem}.pnnx.param", f"pnnxbin={stem}.pnnx.bin", f"pnnxpy={stem}_pnnx.py",
-                f"pnnxonnx={stem}.pnnx.onnx", f"ncnnpy={stem}_ncnn.py",
+                f"ncnnparam={tmp_param.resolve()}",
+                f"ncnnbin={tmp_bin.resolve()}",
+                f"pnnxparam={stem}.pnnx.param",
+                f"pnnxbin={stem}.pnnx.bin",
+                f"pnnxpy={stem}_pnnx.py",
+                f"pnnxonnx={stem}.pnnx.onnx",
+                f"ncnnpy={stem}_ncnn.py",
             ]
             if input_shape2 is not None:
                 cmd.append(f"inputshape2={shape_arg(input_shape2)}")
@@ -130,8 +142,9 @@ def convert(
             if tmp.exists():
                 tmp.unlink()
     graph = read_param(param)
-    return Converted(param, bin_, converter, log, graph.input_names, graph.output_names,
-                     input_shape2 is not None)
+    return Converted(
+        param, bin_, converter, log, graph.input_names, graph.output_names, input_shape2 is not None
+    )
 
 
 def pnnx_version() -> str | None:

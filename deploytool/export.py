@@ -49,8 +49,14 @@ def export_onnx(
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
                 )
             onnx.checker.check_model(str(tmp))
         except onnx.checker.ValidationError as exc:

@@ -44,7 +44,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
         else:
             raise SpecError(f"image path {p} does not exist; pass an image file or a folder with --images")
     if not found:
-        raise SpecError(f"no images found in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise SpecError(
+            f"no images found in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
     return found
 
 
@@ -68,7 +70,12 @@ def letterbox(img: np.ndarray, width: int, height: int, pad_value: float) -> tup
     resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     left, top = (width - new_w) // 2, (height - new_h) // 2
     out = cv2.copyMakeBorder(
-        resized, top, height - new_h - top, left, width - new_w - left, cv2.BORDER_CONSTANT,
+        resized,
+        top,
+        height - new_h - top,
+        left,
+        width - new_w - left,
+        cv2.BORDER_CONSTANT,
         value=(pad_value,) * 3,
     )
     return out, Geometry(w, h, new_w / w, new_h / h, left, top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
@@ -26,6 +27,7 @@ from .convert import convert, pnnx_version
 from .errors import BackendUnavailable, SpecError
 from .export import DEFAULT_OPSET, export_onnx, export_torchscript
 from .inputs import collect_images, load_inputs, random_input
+from .ncnn_param import read_param
 from .spec import ModelSpec, build_model
 
 SCHEMA = 1
@@ -64,8 +66,13 @@ def versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {"deploytool": __version__, "python": platform.python_version()}
-    for key, dist in (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
-                      ("ncnn", "ncnn"), ("opencv", "opencv-python-headless")):
+    for key, dist in (
+        ("torch", "torch"),
+        ("onnx", "onnx"),
+        ("onnxruntime", "onnxruntime"),
+        ("ncnn", "ncnn"),
+        ("opencv", "opencv-python-headless"),
+    ):
         try:
             out[key] = version(dist)
         except PackageNotFoundError:
@@ -111,43 +118,115 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
     failure: `report["passed"]` says it."""
     timer = StageTimer()
     backends, backend_info = select_backends(opts.backends)
-    images = collect_images(opts.images) if opts.images else []
+    items = _inputs(spec, opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
     with timer.stage("load"):
         model = build_model(spec, opts.weights)
-    if images:
-        items = load_inputs(spec, images)
-    else:
-        items = [("random(seed=0)", random_input(spec), None)]
     example = _example_tensor(items[0][1][spec.input_name])
-
     art = Artifacts(model=model)
     with timer.stage("export"):
         art.torchscript = export_torchscript(model, example, out / "model.pt")
-        art.onnx = export_onnx(model, example, out / "model.onnx", [spec.input_name], spec.output_names,
-                               opset=opts.opset, dynamic=bool(spec.dynamic_shapes))
-    converted = None
+        art.onnx = export_onnx(
+            model,
+            example,
+            out / "model.onnx",
+            [spec.input_name],
+            spec.output_names,
+            opset=opts.opset,
+            dynamic=bool(spec.dynamic_shapes),
+        )
     if any(b in NCNN_BACKENDS for b in backends):
         source = art.torchscript if opts.converter == "pnnx" else art.onnx
         with timer.stage("convert"):
             converted = convert(
-                source, out, opts.converter, spec.input_shape,
+                source,
+                out,
+                opts.converter,
+                spec.input_shape,
                 spec.dynamic_shapes[0] if spec.dynamic_shapes else None,
-                fp16_weights=opts.fp16_weights, moduleop=spec.pnnx_moduleop, onnx2ncnn=opts.onnx2ncnn,
+                fp16_weights=opts.fp16_weights,
+                moduleop=spec.pnnx_moduleop,
+                onnx2ncnn=opts.onnx2ncnn,
             )
         art.ncnn_param, art.ncnn_bin = converted.param, converted.bin
+        art.converter, art.converter_log = opts.converter, converted.log
+    return check(spec, art, opts, backends, backend_info, items, timer)
 
+
+def parity(spec: ModelSpec, folder: Path, opts: RunOptions) -> dict:
+    """Check the artifacts an earlier `run` left in `folder` (model.pt, model.onnx, model.ncnn.*)
+    against a fresh torch reference; nothing is exported or converted."""
+    timer = StageTimer()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SpecError(f"{folder} is not a folder; pass the --out folder of an earlier `deploytool run`")
+    backends, backend_info = select_backends(opts.backends)
+    items = _inputs(spec, opts)
+    with timer.stage("load"):
+        art = Artifacts(model=build_model(spec, opts.weights))
+    needs = {
+        "torchscript": ("torchscript", "model.pt"),
+        "onnxruntime": ("onnx", "model.onnx"),
+        "ncnn-cpu": ("ncnn_param", "model.ncnn.param"),
+        "ncnn-vulkan": ("ncnn_param", "model.ncnn.param"),
+    }
+    for backend in backends:
+        if backend in needs:
+            attr, filename = needs[backend]
+            path = folder / filename
+            if not path.is_file():
+                raise SpecError(
+                    f"{path} is missing; run `deploytool run` first or drop {backend} from --backends"
+                )
+            setattr(art, attr, path)
+    if art.ncnn_param is not None:
+        art.ncnn_bin = folder / "model.ncnn.bin"
+        if not art.ncnn_bin.is_file():
+            raise SpecError(f"{art.ncnn_bin} is missing beside {art.ncnn_param.name}")
+    return check(spec, art, opts, backends, backend_info, items, timer)
+
+
+def spec_of_folder(folder: Path) -> str:
+    """The spec an earlier run recorded in FOLDER/report.json (for `parity` without --model)."""
+    path = Path(folder) / "report.json"
+    try:
+        return json.loads(path.read_text())["spec"]
+    except (OSError, ValueError, KeyError):
+        raise SpecError(
+            f"cannot tell which model {folder} holds ({path} missing or unreadable); pass --model"
+        ) from None
+
+
+def _inputs(spec: ModelSpec, opts: RunOptions) -> list:
+    if opts.images:
+        return load_inputs(spec, collect_images(opts.images))
+    return [("random(seed=0)", random_input(spec), None)]
+
+
+def check(
+    spec: ModelSpec,
+    art: Artifacts,
+    opts: RunOptions,
+    backends: list[str],
+    backend_info: dict,
+    items: list,
+    timer: StageTimer,
+) -> dict:
+    """Run every backend on the same inputs, compare with the reference, build the report."""
+    ncnn_inputs = read_param(art.ncnn_param).input_names if art.ncnn_param else []
     results: dict[str, list[dict]] = {}
     for name in backends:
-        runner = create_runner(name, art, [spec.input_name], spec.output_names, opts.ncnn_precision, opts.threads)
+        runner = create_runner(
+            name, art, [spec.input_name], spec.output_names, opts.ncnn_precision, opts.threads
+        )
         latencies = []
         with timer.stage(f"infer:{name}"), runner:
             backend_info[name]["device"] = runner.device()
             outs = []
             for _, feed, _ in items:
-                result = runner.infer(_ncnn_feed(feed, converted) if name in NCNN_BACKENDS else feed)
+                result = runner.infer(_ncnn_feed(feed, ncnn_inputs) if name in NCNN_BACKENDS else feed)
                 latencies.append(runner.last_latency_s)
                 outs.append(_by_spec_name(result, spec.output_names))
         results[name] = outs
@@ -165,11 +244,12 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
         "passed": passed,
         "versions": versions(),
         "artifacts": {
-            "torchscript": str(art.torchscript), "onnx": str(art.onnx),
-            "ncnn_param": str(art.ncnn_param) if art.ncnn_param else None,
-            "ncnn_bin": str(art.ncnn_bin) if art.ncnn_bin else None,
-            "converter": opts.converter if converted else None,
-            "converter_log": str(converted.log) if converted else None,
+            "torchscript": _str(art.torchscript),
+            "onnx": _str(art.onnx),
+            "ncnn_param": _str(art.ncnn_param),
+            "ncnn_bin": _str(art.ncnn_bin),
+            "converter": art.converter,
+            "converter_log": _str(art.converter_log),
             "fp16_weights": opts.fp16_weights,
         },
         "input": {"name": spec.input_name, "shape": list(spec.input_shape)},
@@ -180,15 +260,18 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
     }
 
 
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def _example_tensor(x: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _ncnn_feed(feed: dict, converted) -> dict:
+def _ncnn_feed(feed: dict, names: list[str]) -> dict:
     """Rename the spec's input to the blob name in the .param (pnnx writes in0, onnx2ncnn the ONNX name)."""
-    names = converted.input_names
     if len(names) != len(feed):
         raise SpecError(f"the .param has inputs {names} but the model takes {list(feed)}")
     return dict(zip(names, feed.values(), strict=True))
@@ -205,8 +288,15 @@ def _compare(spec: ModelSpec, items, results: dict, precision: str) -> tuple[lis
         tol = spec.tolerance(backend, prec)
         for (label, _, _), ref, got in zip(items, ref_outs, outs, strict=True):
             for name in spec.output_names:
-                c = compare_tensors(ref[name], got[name], tol, backend=backend, reference=REFERENCE,
-                                    input=str(label), output=name)
+                c = compare_tensors(
+                    ref[name],
+                    got[name],
+                    tol,
+                    backend=backend,
+                    reference=REFERENCE,
+                    input=str(label),
+                    output=name,
+                )
                 comparisons.append(c.to_dict())
         if spec.task == "classify":
             task[backend] = _classify_agreement(spec, ref_outs, outs)
@@ -219,5 +309,4 @@ def _classify_agreement(spec: ModelSpec, ref_outs: list[dict], outs: list[dict])
     per_input = [topk_agreement(r[name], g[name], k) for r, g in zip(ref_outs, outs, strict=True)]
     top1 = sum(p["top1_match"] for p in per_input) / len(per_input)
     topk = sum(p[f"top{k}_overlap"] for p in per_input) / len(per_input)
-    return {"top1_agreement": top1, f"top{k}_agreement": topk, "per_input": per_input,
-            "passed": top1 == 1.0}
+    return {"top1_agreement": top1, f"top{k}_agreement": topk, "per_input": per_input, "passed": top1 == 1.0}

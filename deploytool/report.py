@@ -23,16 +23,33 @@ def _fmt(v) -> str:
 def console_summary(report: dict, console: Console) -> None:
     """The parity table (worst case per backend and output), task agreement and stage timings."""
     table = Table(title=f"{report['model']}: parity against {_reference(report)}")
-    for col in ("backend", "output", "inputs", "max_abs", "max_rel", "cosine", "atol/rtol", "min atol", "result"):
+    for col in (
+        "backend",
+        "output",
+        "inputs",
+        "max_abs",
+        "max_rel",
+        "cosine",
+        "atol/rtol",
+        "min atol",
+        "result",
+    ):
         table.add_column(col, justify="right" if col not in ("backend", "output", "result") else "left")
     for (backend, output), rows in _group(report["comparisons"]).items():
         worst = max(rows, key=lambda r: _num(r["max_abs"]))
         ok = all(r["passed"] for r in rows)
         table.add_row(
-            backend, output, str(len(rows)), _fmt(worst["max_abs"]), _fmt(worst["max_rel"]),
-            _fmt(min(_num(r["cosine"]) for r in rows)), f"{worst['atol']:.0e}/{worst['rtol']:.0e}",
+            backend,
+            output,
+            str(len(rows)),
+            _fmt(worst["max_abs"]),
+            _fmt(worst["max_rel"]),
+            _fmt(min(_num(r["cosine"]) for r in rows)),
+            f"{worst['atol']:.0e}/{worst['rtol']:.0e}",
             _fmt(max(_num(r["min_atol"]) for r in rows)),
-            "[green]pass[/]" if ok else "[red]FAIL[/]" + (f" ({worst['reason']})" if worst.get("reason") else ""),
+            "[green]pass[/]"
+            if ok
+            else "[red]FAIL[/]" + (f" ({worst['reason']})" if worst.get("reason") else ""),
         )
     console.print(table)
     for backend, t in report.get("task", {}).items():
@@ -48,8 +65,10 @@ def console_summary(report: dict, console: Console) -> None:
     stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report["stages"].items())
     console.print(f"  stages: {stages}")
     verdict = "[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]"
-    console.print(f"{verdict}: {sum(c['passed'] for c in report['comparisons'])}/{len(report['comparisons'])} "
-                  "tensor checks passed")
+    console.print(
+        f"{verdict}: {sum(c['passed'] for c in report['comparisons'])}/{len(report['comparisons'])} "
+        "tensor checks passed"
+    )
 
 
 def _reference(report: dict) -> str:
@@ -76,8 +95,12 @@ def write_junit(report: dict, path: Path | str) -> Path:
     suite = ET.Element("testsuite", name=f"deploytool.{report['model']}")
     failures = 0
     for c in report["comparisons"]:
-        case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.{c['backend']}",
-                             name=f"{Path(c['input']).name}:{c['output']}")
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"{report['model']}.{c['backend']}",
+            name=f"{Path(c['input']).name}:{c['output']}",
+        )
         if not c["passed"]:
             failures += 1
             msg = c.get("reason") or (
@@ -89,7 +112,9 @@ def write_junit(report: dict, path: Path | str) -> Path:
         case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.{backend}", name="task")
         if not t.get("passed", True):
             failures += 1
-            ET.SubElement(case, "failure", message=json.dumps({k: v for k, v in t.items() if k != "per_input"}))
+            ET.SubElement(
+                case, "failure", message=json.dumps({k: v for k, v in t.items() if k != "per_input"})
+            )
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
     suite.set("time", str(sum(s["seconds"] for s in report.get("stages", {}).values())))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import SpecError
 
@@ -93,7 +94,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(v) for v in cleaned.split(",") if v != "")
     except ValueError:
-        raise SpecError(f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
+        raise SpecError(
+            f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224"
+        ) from None
     if not dims or any(d <= 0 for d in dims):
         raise SpecError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
     return dims
@@ -119,11 +122,24 @@ def _triple(value: Any, where: str) -> tuple[float, float, float]:
 
 def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
     """Validate a parsed TOML document; every error names the file and the key."""
-    known = {"name", "factory", "task", "description", "factory_args", "input", "output", "preprocess",
-             "tolerance", "pnnx", "task_args"}
+    known = {
+        "name",
+        "factory",
+        "task",
+        "description",
+        "factory_args",
+        "input",
+        "output",
+        "preprocess",
+        "tolerance",
+        "pnnx",
+        "task_args",
+    }
     unknown = set(data) - known
     if unknown:
-        raise SpecError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}")
+        raise SpecError(
+            f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}"
+        )
     for key in ("name", "factory"):
         if not isinstance(data.get(key), str):
             raise SpecError(f"{source}: missing string key {key!r}")
@@ -178,7 +194,7 @@ def load_spec(model: str, input_shape: str | None = None) -> ModelSpec:
         if input_shape is None:
             raise SpecError(f"{model} is an import spec: pass --input-shape (e.g. --input-shape 1,3,224,224)")
         name = model.split(":")[-1]
-        return ModelSpec(name=name, factory=model, input_shape=parse_shape(input_shape))
+        return ModelSpec(name=name, factory=model, input_shape=parse_shape(input_shape), source=model)
     else:
         path = models_dir() / f"{model}.toml"
         if not path.is_file():
@@ -205,7 +221,6 @@ def _read_toml_spec(path: Path) -> ModelSpec:
 
 def build_model(spec: ModelSpec, weights: str | None = None):
     """Import the factory, build the nn.Module in eval mode, load `weights` if given."""
-    import torch
 
     module_name, _, attr = spec.factory.partition(":")
     if not module_name or not attr:
@@ -240,7 +255,9 @@ def load_weights(model, path: str) -> None:
             "save a plain state_dict with torch.save(model.state_dict(), path)"
         ) from None
     except Exception as exc:
-        raise SpecError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise SpecError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

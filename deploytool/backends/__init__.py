@@ -33,6 +33,8 @@ class Artifacts:
     onnx: Path | None = None
     ncnn_param: Path | None = None
     ncnn_bin: Path | None = None
+    converter: str | None = None
+    converter_log: Path | None = None
 
 
 def parse_backends(text: str | None) -> list[str]:
@@ -54,8 +56,14 @@ def availability(name: str) -> tuple[bool, str | None]:
     return RUNNERS[name].available()
 
 
-def create_runner(name: str, art: Artifacts, input_names: list[str], output_names: list[str],
-                  precision: str = "fp32", threads: int = 2) -> Runner:
+def create_runner(
+    name: str,
+    art: Artifacts,
+    input_names: list[str],
+    output_names: list[str],
+    precision: str = "fp32",
+    threads: int = 2,
+) -> Runner:
     """A Runner for `name` over the given artifacts (not yet loaded: use `with`)."""
     if name == "torch":
         return TorchRunner(art.model, input_names, output_names, threads)

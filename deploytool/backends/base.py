@@ -62,5 +62,5 @@ class Runner(ABC):
     @abstractmethod
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def _unload(self) -> None:
-        pass
+    def _unload(self) -> None:  # noqa: B027 - optional hook: most runners have nothing to release
+        """Release what _load acquired."""

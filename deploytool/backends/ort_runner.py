@@ -36,8 +36,9 @@ class OnnxRuntimeRunner(Runner):
     def _infer(self, feed):
         names = [o.name for o in self.session.get_outputs()]
         wanted = {i.name for i in self.session.get_inputs()}
-        return dict(zip(names, self.session.run(names, {k: v for k, v in feed.items() if k in wanted}),
-                        strict=True))
+        return dict(
+            zip(names, self.session.run(names, {k: v for k, v in feed.items() if k in wanted}), strict=True)
+        )
 
     def _unload(self) -> None:
         self.session = None

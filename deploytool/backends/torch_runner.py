@@ -23,7 +23,12 @@ class TorchRunner(Runner):
 
     def __init__(self, model, input_names: list[str], output_names: list[str], threads: int = 2):
         super().__init__()
-        self.model, self.input_names, self.output_names, self.threads = model, input_names, output_names, threads
+        self.model, self.input_names, self.output_names, self.threads = (
+            model,
+            input_names,
+            output_names,
+            threads,
+        )
 
     def _load(self) -> None:
         import torch

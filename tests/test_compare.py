@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from deploytool.compare import compare_tensors, topk_agreement
+from deploytool.spec import Tolerance
+
+IDENT = {"backend": "b", "reference": "torch", "input": "x", "output": "y"}
+
+
+def test_identical_tensors_pass_with_zero_error():
+    a = np.linspace(-3, 3, 100, dtype=np.float32)
+    c = compare_tensors(a, a.copy(), Tolerance(1e-6, 0), **IDENT)
+    assert c.passed and c.max_abs == 0 and c.cosine == pytest.approx(1.0) and c.min_atol == 0
+
+
+def test_small_error_within_tolerance_and_min_atol_reported():
+    a = np.ones(10, dtype=np.float32)
+    b = a + np.float32(3e-5)
+    c = compare_tensors(a, b, Tolerance(1e-4, 0), **IDENT)
+    assert c.passed
+    assert c.max_abs == pytest.approx(3e-5, rel=1e-2)
+    assert c.min_atol == pytest.approx(3e-5, rel=1e-2)
+
+
+def test_error_beyond_tolerance_fails_and_names_passing_tolerance():
+    a = np.zeros(10, dtype=np.float32)
+    b = a.copy()
+    b[3] = 0.5
+    c = compare_tensors(a, b, Tolerance(1e-4, 1e-4), **IDENT)
+    assert not c.passed and c.mismatched == 1
+    assert c.min_atol == pytest.approx(0.5) and c.min_rtol == float("inf")
+
+
+def test_rtol_scales_with_reference_magnitude():
+    a = np.full(4, 1000.0, dtype=np.float32)
+    b = a * (1 + 1e-5)
+    assert compare_tensors(a, b, Tolerance(0, 1e-4), **IDENT).passed
+    assert not compare_tensors(a, b, Tolerance(0, 1e-6), **IDENT).passed
+
+
+def test_batch_axis_dropped_by_ncnn_is_aligned():
+    a = np.arange(6, dtype=np.float32).reshape(1, 6)
+    assert compare_tensors(a, a.reshape(6), Tolerance(0, 0), **IDENT).passed
+
+
+def test_shape_mismatch_fails_with_reason():
+    c = compare_tensors(np.zeros((1, 6)), np.zeros(5), Tolerance(1, 1), **IDENT)
+    assert not c.passed and "shape mismatch" in c.reason
+
+
+def test_nan_output_fails():
+    b = np.zeros(4)
+    b[0] = np.nan
+    c = compare_tensors(np.zeros(4), b, Tolerance(1, 1), **IDENT)
+    assert not c.passed and "NaN" in c.reason
+
+
+def test_swapped_channels_fail_comparison():
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert not compare_tensors(img, img[:, ::-1], Tolerance(1e-3, 1e-3), **IDENT).passed
+
+
+def test_topk_agreement():
+    ref = np.array([0.1, 0.9, 0.5, 0.3, 0.2, 0.0])
+    same = topk_agreement(ref, ref, k=5)
+    assert same["top1_match"] and same["top5_overlap"] == 1.0
+    other = topk_agreement(ref, np.array([0.9, 0.1, 0.5, 0.3, 0.2, 0.0]), k=5)
+    assert not other["top1_match"] and other["top1"] == 0
