@@ -18,6 +18,7 @@ def export_torchscript(model, example, path: Path) -> Path:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # tracing is deliberate: pnnx reads it
             traced = torch.jit.trace(model, example)
     except Exception as exc:
         raise ExportError(f"torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc

@@ -125,6 +125,7 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
     with timer.stage("load"):
         model = build_model(spec, opts.weights)
     example = _example_tensor(items[0][1][spec.input_name])
+    _try_forward(model, example, spec)
     art = Artifacts(model=model)
     with timer.stage("export"):
         art.torchscript = export_torchscript(model, example, out / "model.pt")
@@ -262,6 +263,19 @@ def check(
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def _try_forward(model, example, spec: ModelSpec) -> None:
+    """Run the eager model once so a shape it cannot take is reported as the user's input error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError) as exc:
+        shape = ",".join(map(str, spec.input_shape))
+        first = str(exc).strip().splitlines()[0]
+        raise SpecError(f"{spec.name} cannot run on input shape {shape} ({first}); check --input-shape") from None
 
 
 def _example_tensor(x: np.ndarray):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,9 @@ def available_models() -> list[str]:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """Parse '1,3,224,224' (brackets and x separators accepted) into a tuple of positive ints."""
-    cleaned = text.strip().strip("[]()").replace("x", ",").replace(" ", "")
+    tokens = re.split(r"[,x]", text.strip().strip("[]()").replace(" ", ""))
     try:
-        dims = tuple(int(v) for v in cleaned.split(",") if v != "")
+        dims = tuple(int(v) for v in tokens)
     except ValueError:
         raise SpecError(
             f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224"
