@@ -275,7 +275,9 @@ def _try_forward(model, example, spec: ModelSpec) -> None:
     except (RuntimeError, ValueError) as exc:
         shape = ",".join(map(str, spec.input_shape))
         first = str(exc).strip().splitlines()[0]
-        raise SpecError(f"{spec.name} cannot run on input shape {shape} ({first}); check --input-shape") from None
+        raise SpecError(
+            f"{spec.name} cannot run on input shape {shape} ({first}); check --input-shape"
+        ) from None
 
 
 def _example_tensor(x: np.ndarray):
