@@ -1,0 +1,120 @@
+"""report.json schema, JUnit XML and task-level agreement, on synthetic results (no ncnn needed)."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+from rich.console import Console
+
+from deploytool.compare import compare_tensors
+from deploytool.pipeline import _classify_agreement
+from deploytool.report import console_summary, write_json, write_junit
+from deploytool.spec import Tolerance, load_spec
+
+
+def _report(passed_second=True):
+    ref = np.linspace(-5, 5, 1000)
+    got = ref.copy() if passed_second else ref + np.where(np.arange(1000) == 7, 0.3, 0.0)
+    rows = [
+        compare_tensors(
+            ref,
+            ref + 1e-7,
+            Tolerance(1e-4, 1e-4),
+            backend="ncnn-cpu",
+            reference="torch",
+            input="images/a.jpg",
+            output="logits",
+        ).to_dict(),
+        compare_tensors(
+            ref,
+            got,
+            Tolerance(1e-4, 1e-4),
+            backend="ncnn-vulkan",
+            reference="torch",
+            input="images/a.jpg",
+            output="logits",
+        ).to_dict(),
+    ]
+    return {
+        "schema": 1,
+        "model": "m",
+        "spec": "m.toml",
+        "passed": all(r["passed"] for r in rows),
+        "versions": {"deploytool": "0"},
+        "artifacts": {},
+        "input": {},
+        "backends": {
+            "torch": {"available": True, "reason": None, "device": "cpu", "latency_ms_median": 1.0},
+            "ncnn-vulkan": {"available": False, "reason": "no device", "device": None},
+        },
+        "stages": {"export": {"seconds": 1.0}},
+        "comparisons": rows,
+        "task": {},
+    }
+
+
+def test_report_json_has_stable_schema_keys(tmp_path):
+    path = write_json(_report(), tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert {
+        "schema",
+        "model",
+        "passed",
+        "versions",
+        "artifacts",
+        "backends",
+        "stages",
+        "comparisons",
+        "task",
+    } <= set(data)
+    row = data["comparisons"][0]
+    assert {
+        "backend",
+        "reference",
+        "input",
+        "output",
+        "max_abs",
+        "max_rel",
+        "mean_abs",
+        "cosine",
+        "atol",
+        "rtol",
+        "passed",
+        "min_atol",
+    } <= set(row)
+
+
+def test_infinite_min_tolerance_is_valid_json(tmp_path):
+    rep = _report()
+    rep["comparisons"].append(
+        compare_tensors(
+            np.zeros(3), np.ones(3), Tolerance(0, 0), backend="b", reference="torch", input="x", output="y"
+        ).to_dict()
+    )
+    data = json.loads(write_json(rep, tmp_path / "r.json").read_text())
+    assert data["comparisons"][-1]["min_rtol"] == "inf"
+
+
+def test_junit_has_one_case_per_check_and_names_the_passing_tolerance(tmp_path):
+    path = write_junit(_report(passed_second=False), tmp_path / "j.xml")
+    suite = ET.parse(path).getroot()
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    failure = suite.find("testcase/failure")
+    assert "smallest passing atol 0.3" in failure.get("message")
+
+
+def test_console_summary_marks_failures_and_skips():
+    console = Console(record=True, width=140)
+    console_summary(_report(passed_second=False), console)
+    text = console.export_text()
+    assert "FAIL" in text and "FAILED" in text and "skipped ncnn-vulkan: no device" in text
+
+
+def test_top1_disagreement_fails_the_task_check():
+    spec = load_spec("resnet18")
+    ref = [{"logits": np.array([[0.1, 0.9, 0.2, 0.0, 0.3, 0.4]])}]
+    same = _classify_agreement(spec, ref, ref)
+    assert same["passed"] and same["top1_agreement"] == 1.0
+    swapped = [{"logits": np.array([[0.9, 0.1, 0.2, 0.0, 0.3, 0.4]])}]
+    other = _classify_agreement(spec, ref, swapped)
+    assert not other["passed"] and other["top1_agreement"] == 0.0
