@@ -73,39 +73,49 @@ def run(
     junit: JunitOpt = None,
 ) -> None:
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
+    from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
+    from .spec import load_spec
 
-    def go(spec, opts):
-        return run_pipeline(spec, opts)
-
-    _check(
-        go,
-        model,
-        input_shape,
-        out,
-        backends,
-        images,
-        weights,
-        ncnn_precision,
-        threads,
-        report,
-        junit,
-        converter=converter,
-        onnx2ncnn=onnx2ncnn,
-        opset=opset,
-        fp16_weights=fp16,
-    )
+    try:
+        spec = load_spec(model, input_shape)
+        opts = RunOptions(
+            out=Path(out or Path("out") / spec.name),
+            backends=backends,
+            images=_images_or_default(images, spec.task),
+            converter=converter,
+            onnx2ncnn=onnx2ncnn,
+            opset=opset,
+            weights=weights,
+            ncnn_precision=ncnn_precision,
+            fp16_weights=fp16,
+            threads=threads,
+        )
+        result = run_pipeline(spec, opts)
+    except DeployError as exc:
+        _fail(exc)
+    _render(result, opts.out, report, junit)
 
 
 @app.command()
 def parity(
-    folder: Annotated[Path, typer.Argument(help="the --out folder of an earlier `deploytool run`")],
+    target: Annotated[
+        Path, typer.Argument(help="a `run` --out folder, a .param (with its .bin), or an .onnx")
+    ],
     model: Annotated[
         str | None,
-        typer.Option("--model", help="spec of the model in FOLDER [default: from its report.json]"),
+        typer.Option("--model", help="spec the artifacts came from [default: the folder's report.json]"),
     ] = None,
     backends: BackendsOpt = None,
     images: ImagesOpt = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="FILE.npz with the input tensor")] = None,
+    golden: Annotated[
+        Path | None, typer.Option("--golden", help="compare against this golden FILE.npz")
+    ] = None,
+    save_golden: Annotated[
+        Path | None, typer.Option("--save-golden", help="store inputs and reference outputs in FILE.npz")
+    ] = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="backend to compare against")] = None,
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
     ncnn_precision: PrecisionOpt = "fp32",
@@ -114,62 +124,54 @@ def parity(
     junit: JunitOpt = None,
 ) -> None:
     """Compare backends on artifacts that already exist (nothing is exported or converted)."""
-    from .pipeline import parity as run_parity
-    from .pipeline import spec_of_folder
+    from .parity import ParityOptions, run_parity
 
+    folder = target if target.is_dir() else target.parent
     try:
-        model = model or spec_of_folder(folder)
-    except DeployError as exc:
-        _fail(exc)
-    _check(
-        lambda spec, opts: run_parity(spec, folder, opts),
-        model,
-        input_shape,
-        folder,
-        backends,
-        images,
-        weights,
-        ncnn_precision,
-        threads,
-        report,
-        junit,
-    )
-
-
-def _check(
-    go, model, input_shape, out, backends, images, weights, precision, threads, report, junit, **extra
-):
-    """Shared body of `run` and `parity`: build options, run, render, exit 0/1."""
-    from .pipeline import RunOptions
-    from .report import console_summary, write_json, write_junit
-    from .spec import load_spec
-
-    try:
-        spec = load_spec(model, input_shape)
-        if images is None and spec.task != "raw":
-            images = [_default_images()]
-        opts = RunOptions(
-            out=Path(out or Path("out") / spec.name),
+        opts = ParityOptions(
+            out=folder,
             backends=backends,
             images=list(images or []),
             weights=weights,
-            ncnn_precision=precision,
+            ncnn_precision=ncnn_precision,
             threads=threads,
-            **extra,
+            model=model,
+            input_shape=input_shape,
+            inputs_npz=inputs,
+            golden=golden,
+            save_golden=save_golden,
+            reference=reference,
         )
-        result = go(spec, opts)
+        result = run_parity(target, opts)
     except DeployError as exc:
         _fail(exc)
+    _render(result, folder if target.is_dir() else None, report, junit)
+
+
+def _images_or_default(images: list[Path] | None, task: str) -> list[Path]:
+    """The user's --images, else the bundled photos for image models; none for raw models."""
+    from .inputs import default_images
+
+    if images:
+        return list(images)
+    return [] if task == "raw" else default_images()
+
+
+def _render(result: dict, folder: Path | None, report: Path | None, junit: Path | None) -> None:
+    """Print the summary, write the reports, exit 0 (passed) or 1 (a parity check failed)."""
+    from .report import console_summary, write_json, write_junit
+
     console_summary(result, console)
-    paths = [(opts.out / "report.json", write_json), (report, write_json), (junit, write_junit)]
-    for path, writer in paths:
-        if path is not None:
-            writer(result, path)
-    console.print(
-        f"  report: {opts.out / 'report.json'}"
-        + (f", {report}" if report else "")
-        + (f", JUnit {junit}" if junit else "")
-    )
+    written = []
+    for path, writer in (
+        (folder and folder / "report.json", write_json),
+        (report, write_json),
+        (junit, write_junit),
+    ):
+        if path:
+            written.append(str(writer(result, path)))
+    if written:
+        console.print("  wrote " + ", ".join(written))
     raise typer.Exit(0 if result["passed"] else 1)
 
 
@@ -299,11 +301,6 @@ def _spec_error(msg: str):
     from .errors import SpecError
 
     return SpecError(msg)
-
-
-def _default_images() -> Path:
-    here = Path.cwd() / "images"
-    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "images"
 
 
 def main() -> None:

@@ -32,6 +32,12 @@ class Geometry:
         return b
 
 
+def default_images() -> list[Path]:
+    """The photos shipped in images/ (./images when run from a checkout)."""
+    here = Path.cwd() / "images"
+    return [here if here.is_dir() else Path(__file__).resolve().parent.parent / "images"]
+
+
 def collect_images(paths: list[Path]) -> list[Path]:
     """Expand folders into their image files (sorted); every path must exist."""
     found: list[Path] = []

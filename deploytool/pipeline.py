@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import statistics
@@ -17,6 +16,7 @@ from . import __version__
 from .backends import (
     NCNN_BACKENDS,
     REFERENCE,
+    RUNNERS,
     Artifacts,
     availability,
     create_runner,
@@ -94,10 +94,12 @@ def _by_spec_name(result: dict, spec_names: list[str]) -> dict:
     return {n: result[k] for n, k in zip(spec_names, keys, strict=True)}
 
 
-def select_backends(requested: str | None) -> tuple[list[str], dict[str, dict]]:
-    """Backends to run and the availability of each. An explicitly requested backend that cannot run
-    raises BackendUnavailable; from the default set it is reported and skipped."""
-    names = parse_backends(requested)
+def select_backends(
+    requested: str | None, reference: str = REFERENCE, default: list[str] | None = None
+) -> tuple[list[str], dict[str, dict]]:
+    """Backends to run (the reference first) and the availability of each. An explicitly requested
+    backend that cannot run raises BackendUnavailable; from the default set it is reported and skipped."""
+    names = parse_backends(requested) if requested is not None or default is None else default
     info: dict[str, dict] = {}
     runnable = []
     for name in names:
@@ -107,9 +109,12 @@ def select_backends(requested: str | None) -> tuple[list[str], dict[str, dict]]:
             runnable.append(name)
         elif requested is not None:
             raise BackendUnavailable(f"backend {name} is unavailable: {reason}")
-    if REFERENCE not in runnable:
-        runnable.insert(0, REFERENCE)
-        info.setdefault(REFERENCE, {"available": True, "reason": None, "device": "cpu"})
+    if reference in RUNNERS:
+        ok, reason = availability(reference)
+        if not ok:
+            raise BackendUnavailable(f"reference backend {reference} is unavailable: {reason}")
+        runnable = [reference] + [n for n in runnable if n != reference]
+        info.setdefault(reference, {"available": True, "reason": None, "device": None})
     return runnable, info
 
 
@@ -118,7 +123,7 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
     failure: `report["passed"]` says it."""
     timer = StageTimer()
     backends, backend_info = select_backends(opts.backends)
-    items = _inputs(spec, opts)
+    items = inputs_for(spec, opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -153,60 +158,18 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
             )
         art.ncnn_param, art.ncnn_bin = converted.param, converted.bin
         art.converter, art.converter_log = opts.converter, converted.log
-    return check(spec, art, opts, backends, backend_info, items, timer)
+    results = infer_all(spec, art, opts, backends, backend_info, items, timer)
+    return summarize(spec, art, opts, backend_info, items, results, timer)
 
 
-def parity(spec: ModelSpec, folder: Path, opts: RunOptions) -> dict:
-    """Check the artifacts an earlier `run` left in `folder` (model.pt, model.onnx, model.ncnn.*)
-    against a fresh torch reference; nothing is exported or converted."""
-    timer = StageTimer()
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SpecError(f"{folder} is not a folder; pass the --out folder of an earlier `deploytool run`")
-    backends, backend_info = select_backends(opts.backends)
-    items = _inputs(spec, opts)
-    with timer.stage("load"):
-        art = Artifacts(model=build_model(spec, opts.weights))
-    needs = {
-        "torchscript": ("torchscript", "model.pt"),
-        "onnxruntime": ("onnx", "model.onnx"),
-        "ncnn-cpu": ("ncnn_param", "model.ncnn.param"),
-        "ncnn-vulkan": ("ncnn_param", "model.ncnn.param"),
-    }
-    for backend in backends:
-        if backend in needs:
-            attr, filename = needs[backend]
-            path = folder / filename
-            if not path.is_file():
-                raise SpecError(
-                    f"{path} is missing; run `deploytool run` first or drop {backend} from --backends"
-                )
-            setattr(art, attr, path)
-    if art.ncnn_param is not None:
-        art.ncnn_bin = folder / "model.ncnn.bin"
-        if not art.ncnn_bin.is_file():
-            raise SpecError(f"{art.ncnn_bin} is missing beside {art.ncnn_param.name}")
-    return check(spec, art, opts, backends, backend_info, items, timer)
-
-
-def spec_of_folder(folder: Path) -> str:
-    """The spec an earlier run recorded in FOLDER/report.json (for `parity` without --model)."""
-    path = Path(folder) / "report.json"
-    try:
-        return json.loads(path.read_text())["spec"]
-    except (OSError, ValueError, KeyError):
-        raise SpecError(
-            f"cannot tell which model {folder} holds ({path} missing or unreadable); pass --model"
-        ) from None
-
-
-def _inputs(spec: ModelSpec, opts: RunOptions) -> list:
+def inputs_for(spec: ModelSpec, opts: RunOptions) -> list:
+    """[(label, feed, geometry)]: the photos preprocessed per the spec, or one seeded random input."""
     if opts.images:
         return load_inputs(spec, collect_images(opts.images))
     return [("random(seed=0)", random_input(spec), None)]
 
 
-def check(
+def infer_all(
     spec: ModelSpec,
     art: Artifacts,
     opts: RunOptions,
@@ -214,8 +177,8 @@ def check(
     backend_info: dict,
     items: list,
     timer: StageTimer,
-) -> dict:
-    """Run every backend on the same inputs, compare with the reference, build the report."""
+) -> dict[str, list[dict]]:
+    """Run every backend on the same inputs: {backend: [outputs by spec name, one per input]}."""
     ncnn_inputs = read_param(art.ncnn_param).input_names if art.ncnn_param else []
     results: dict[str, list[dict]] = {}
     for name in backends:
@@ -234,15 +197,29 @@ def check(
         backend_info[name]["latency_ms_median"] = round(statistics.median(latencies) * 1e3, 3)
         if name in NCNN_BACKENDS:
             backend_info[name]["precision"] = opts.ncnn_precision
+    return results
 
+
+def summarize(
+    spec: ModelSpec,
+    art: Artifacts,
+    opts: RunOptions,
+    backend_info: dict,
+    items: list,
+    results: dict,
+    timer: StageTimer,
+    reference: str = REFERENCE,
+) -> dict:
+    """Compare every backend with the reference and build report.json's dict."""
     with timer.stage("compare"):
-        comparisons, task = _compare(spec, items, results, opts.ncnn_precision)
+        comparisons, task = _compare(spec, items, results, opts.ncnn_precision, reference)
     passed = all(c["passed"] for c in comparisons) and all(t.get("passed", True) for t in task.values())
     return {
         "schema": SCHEMA,
         "model": spec.name,
         "spec": spec.source,
         "passed": passed,
+        "reference": reference,
         "versions": versions(),
         "artifacts": {
             "torchscript": _str(art.torchscript),
@@ -293,12 +270,14 @@ def _ncnn_feed(feed: dict, names: list[str]) -> dict:
     return dict(zip(names, feed.values(), strict=True))
 
 
-def _compare(spec: ModelSpec, items, results: dict, precision: str) -> tuple[list[dict], dict]:
+def _compare(
+    spec: ModelSpec, items, results: dict, precision: str, reference: str
+) -> tuple[list[dict], dict]:
     comparisons = []
     task: dict[str, dict] = {}
-    ref_outs = results[REFERENCE]
+    ref_outs = results[reference]
     for backend, outs in results.items():
-        if backend == REFERENCE:
+        if backend == reference:
             continue
         prec = precision if backend in NCNN_BACKENDS else "fp32"
         tol = spec.tolerance(backend, prec)
@@ -309,7 +288,7 @@ def _compare(spec: ModelSpec, items, results: dict, precision: str) -> tuple[lis
                     got[name],
                     tol,
                     backend=backend,
-                    reference=REFERENCE,
+                    reference=reference,
                     input=str(label),
                     output=name,
                 )

@@ -103,10 +103,13 @@ def test_unknown_backend_and_converter_exit_2(tmp_path):
 
 
 def test_parity_on_folder_without_artifacts_exit_2(tmp_path):
-    _one_clear_line(_invoke("parity", tmp_path), 2, "--model")
-    _one_clear_line(
-        _invoke("parity", tmp_path, "--model", "resnet18", "--backends", "ncnn-cpu"), 2, "missing"
-    )
+    _one_clear_line(_invoke("parity", tmp_path), 2, "holds no model.pt")
+    (tmp_path / "model.ncnn.param").write_text("7767517\n1 1\nInput in0 0 1 in0\n")
+    _one_clear_line(_invoke("parity", tmp_path), 2, "model.ncnn.bin is missing")
+    (tmp_path / "model.ncnn.bin").write_bytes(b"")
+    _one_clear_line(_invoke("parity", tmp_path), 2, "--inputs")
+    result = _invoke("parity", tmp_path, "--backends", "onnxruntime", "--input-shape", "1,3,8,8")
+    _one_clear_line(result, 2, "no onnx file")
 
 
 def test_models_lists_specs():

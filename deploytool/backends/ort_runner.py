@@ -35,10 +35,12 @@ class OnnxRuntimeRunner(Runner):
 
     def _infer(self, feed):
         names = [o.name for o in self.session.get_outputs()]
-        wanted = {i.name for i in self.session.get_inputs()}
-        return dict(
-            zip(names, self.session.run(names, {k: v for k, v in feed.items() if k in wanted}), strict=True)
-        )
+        wanted = [i.name for i in self.session.get_inputs()]
+        if set(wanted) <= set(feed):
+            inputs = {k: feed[k] for k in wanted}
+        else:  # the feed is named after another backend's inputs: match by position
+            inputs = dict(zip(wanted, feed.values(), strict=True))
+        return dict(zip(names, self.session.run(names, inputs), strict=True))
 
     def _unload(self) -> None:
         self.session = None
