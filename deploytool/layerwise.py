@@ -1,0 +1,270 @@
+"""Per-layer parity: compare every blob of an ncnn graph and blame the layer where values first go wrong."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .interpreter import NcnnInterpreter
+from .ncnn_param import NcnnGraph
+
+
+@dataclass
+class LayerResult:
+    """One blob of two runs of the same graph, compared."""
+
+    blob: str
+    layer: str
+    layer_type: str
+    max_abs: float
+    max_rel: float  # elementwise |a - b| / |b|, the largest
+    cosine: float
+    passed: bool
+    required_atol: float  # the smallest atol (added to peak_rtol * peak) that passes at the rtol given
+    peak_rel: float  # max |a - b| / max |b|: the error against the blob's range
+
+
+def _metrics(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, peak_rtol: float) -> tuple:
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.size == 0:
+        return 0.0, 0.0, 1.0, True, 0.0, 0.0
+    diff = np.abs(a - b)
+    peak = float(np.abs(b).max())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / np.abs(b))
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    cosine = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
+    slack = diff - rtol * np.abs(b) - peak_rtol * peak
+    required = float(slack.max().clip(min=0.0)) if np.all(np.isfinite(slack)) else np.inf
+    passed = bool(np.all(slack <= atol))
+    peak_rel = float(diff.max() / peak) if peak > 0 else float(diff.max() > 0) * np.inf
+    return float(diff.max()), float(rel.max()), cosine, passed, required, peak_rel
+
+
+def _producers(graph: NcnnGraph) -> dict[str, object]:
+    return {top: layer for layer in graph.layers for top in layer.tops}
+
+
+def compare_blobs(
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    graph: NcnnGraph,
+    atol: float,
+    rtol: float,
+    *,
+    peak_rtol: float = 0.0,
+) -> list[LayerResult]:
+    """Compare the blobs two runs of one graph share, in graph order; b is the reference.
+
+    A blob passes when the shapes agree and every element satisfies
+    |a - b| <= atol + rtol * |b| + peak_rtol * max|b|. peak_rtol suits reduced-precision storage
+    (fp16), whose error scales with the blob's range rather than with each element.
+    """
+    producers = _producers(graph)
+    results = []
+    for layer in graph.layers:
+        for blob in layer.tops:
+            if blob not in a or blob not in b:
+                continue
+            x, y = np.asarray(a[blob]), np.asarray(b[blob])
+            if x.shape != y.shape:
+                if x.size == y.size and np.squeeze(x).shape == np.squeeze(y).shape:
+                    x = x.reshape(y.shape)  # a leading batch axis of 1 on one side only
+                else:
+                    results.append(
+                        LayerResult(blob, layer.name, layer.type, np.inf, np.inf, 0.0, False, np.inf, np.inf)
+                    )
+                    continue
+            max_abs, max_rel, cosine, passed, required = _metrics(x, y, atol, rtol)
+            owner = producers[blob]
+            results.append(
+                LayerResult(blob, owner.name, owner.type, max_abs, max_rel, cosine, passed, required)
+            )
+    return results
+
+
+def first_failure(results: list[LayerResult]) -> LayerResult | None:
+    """The first blob in graph order that failed; the layer that wrote it is where the runs part."""
+    return next((r for r in results if not r.passed), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch against ncnn, by value
+
+
+@dataclass
+class TorchRecord:
+    """One tensor seen during torch's eager forward pass."""
+
+    name: str  # module path and op, e.g. "layer3.0.conv1:conv2d#41"; "input", "param:fc.weight"
+    value: np.ndarray  # float64, flattened
+
+
+class _Recorder(TorchFunctionMode):
+    """Records the output of every torch function call; module hooks supply the names."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[TorchRecord] = []
+        self.scope: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", str(func))
+        if name not in ("__get__", "__set__", "dim", "size", "numel", "__len__", "__bool__"):
+            self._keep(out, f"{self.scope[-1] if self.scope else ''}:{name}")
+        return out
+
+    def _keep(self, out, name: str) -> None:
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel() > 0:
+            value = out.detach().to(torch.float64).reshape(-1).numpy().copy()
+            self.records.append(TorchRecord(f"{name}#{len(self.records)}", value))
+        elif isinstance(out, (tuple, list)):
+            for i, item in enumerate(out):
+                self._keep(item, f"{name}[{i}]")
+
+
+def record_torch(model: torch.nn.Module, x: torch.Tensor) -> list[TorchRecord]:
+    """Every floating-point tensor the eager forward pass of model on x produces, in order.
+
+    A TorchFunctionMode sees every op, including functional ones (torch.cat, +, chunk, softmax,
+    arange for anchor grids) that forward hooks on leaf modules would miss; forward pre/post hooks
+    only name the module each op ran in. The input and the model's parameters and buffers are
+    recorded too, because converters fold constants (e.g. a bias added by hand becomes MemoryData).
+    """
+    recorder = _Recorder()
+    handles = []
+    for mod_name, module in model.named_modules():
+        label = mod_name or type(model).__name__
+
+        def pre(_m, _inp, label=label):
+            recorder.scope.append(label)
+
+        def post(_m, _inp, _out):
+            recorder.scope.pop()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    recorder._keep(x, "input")
+    try:
+        with torch.no_grad(), recorder:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for pname, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        recorder._keep(tensor, f"param:{pname}")
+    return recorder.records
+
+
+@dataclass
+class BlobMatch:
+    """An ncnn blob and the torch tensor that holds the same values, if any."""
+
+    blob: str
+    layer: str
+    layer_type: str
+    torch_op: str | None  # the matching record's name; None when nothing matched
+    max_abs: float  # against the matching record, or against the closest same-sized one
+    matched: bool
+    explained: bool  # matched, or every consumer's outputs are explained (a fused intermediate)
+
+
+def match_torch(
+    blobs: dict[str, np.ndarray],
+    graph: NcnnGraph,
+    records: list[TorchRecord],
+    atol: float = 1e-3,
+    rtol: float = 1e-3,
+) -> list[BlobMatch]:
+    """Match each ncnn blob (graph order) to a torch tensor of the same size and values.
+
+    Values are compared flattened, so the batch axis ncnn drops, reshapes and transposes that torch
+    also performs all match. Blobs that ncnn computes but torch never materialises (pnnx splits
+    silu into sigmoid and mul, inserts permutes around an op, folds constants) have no match; they
+    count as explained when everything computed from them is matched or explained again.
+    """
+    by_size: dict[int, list[TorchRecord]] = {}
+    for rec in records:
+        by_size.setdefault(rec.value.size, []).append(rec)
+    producers = _producers(graph)
+    matches: list[BlobMatch] = []
+    for layer in graph.layers:
+        for blob in layer.tops:
+            if blob not in blobs:
+                continue
+            value = np.asarray(blobs[blob], dtype=np.float64).reshape(-1)
+            best, best_err = None, np.inf
+            for rec in by_size.get(value.size, []):
+                diff = np.abs(value - rec.value)
+                err = float(diff.max())
+                if err < best_err:
+                    best_err = err
+                if np.all(diff <= atol + rtol * np.abs(rec.value)):
+                    best = rec
+                    best_err = err
+                    break
+            owner = producers[blob]
+            matches.append(
+                BlobMatch(
+                    blob,
+                    owner.name,
+                    owner.type,
+                    best.name if best else None,
+                    best_err,
+                    best is not None,
+                    False,
+                )
+            )
+    consumers: dict[str, list] = {}
+    for layer in graph.layers:
+        for b in layer.bottoms:
+            consumers.setdefault(b, []).append(layer)
+    status = {m.blob: m for m in matches}
+    for m in reversed(matches):  # consumers come later in graph order, so they are settled first
+        if m.matched:
+            m.explained = True
+            continue
+        outs = [top for layer in consumers.get(m.blob, []) for top in layer.tops if top in status]
+        m.explained = bool(outs) and all(status[t].explained for t in outs)
+    return matches
+
+
+def blame(matches: list[BlobMatch], graph: NcnnGraph) -> BlobMatch | None:
+    """The first unexplained blob whose layer's inputs are all explained: where ncnn leaves torch."""
+    status = {m.blob: m for m in matches}
+    producers = _producers(graph)
+    for m in matches:
+        if m.explained:
+            continue
+        inputs = producers[m.blob].bottoms
+        if all(status[b].explained for b in inputs if b in status):
+            return m
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_layer_weights(
+    param: Path | str, bin: Path | str, layer_name: str, factor: float, out_bin: Path | str
+) -> Path:
+    """Copy bin to out_bin with one layer's weight array multiplied by factor (for fault-injection tests)."""
+    rec = NcnnInterpreter(param, bin).weight_record(layer_name, "weight")
+    out_bin = Path(out_bin)
+    tmp = out_bin.with_name(out_bin.name + ".tmp")
+    shutil.copyfile(bin, tmp)
+    with open(tmp, "r+b") as f:
+        f.seek(rec.offset)
+        dtype = np.dtype(rec.dtype).newbyteorder("<")
+        data = np.frombuffer(f.read(rec.count * dtype.itemsize), dtype=dtype)
+        f.seek(rec.offset)
+        f.write((data.astype(np.float64) * factor).astype(dtype).tobytes())
+    tmp.replace(out_bin)
+    return out_bin
