@@ -53,6 +53,9 @@ PrecisionOpt = Annotated[
 ]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="also write report.json here")]
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here")]
+MarkdownOpt = Annotated[
+    Path | None, typer.Option("--markdown", help="also write the Markdown summary (and its PNGs) here")
+]
 
 
 @app.command()
@@ -71,6 +74,7 @@ def run(
     threads: ThreadsOpt = 2,
     report: ReportOpt = None,
     junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
 ) -> None:
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
     from .pipeline import RunOptions
@@ -94,7 +98,7 @@ def run(
         result = run_pipeline(spec, opts)
     except DeployError as exc:
         _fail(exc)
-    _render(result, opts.out, report, junit)
+    _render(result, opts.out, report, junit, markdown)
 
 
 @app.command()
@@ -122,6 +126,7 @@ def parity(
     threads: ThreadsOpt = 2,
     report: ReportOpt = None,
     junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
 ) -> None:
     """Compare backends on artifacts that already exist (nothing is exported or converted)."""
     from .parity import ParityOptions, run_parity
@@ -145,7 +150,7 @@ def parity(
         result = run_parity(target, opts)
     except DeployError as exc:
         _fail(exc)
-    _render(result, folder if target.is_dir() else None, report, junit)
+    _render(result, folder if target.is_dir() else None, report, junit, markdown)
 
 
 def _images_or_default(images: list[Path] | None, task: str) -> list[Path]:
@@ -157,9 +162,13 @@ def _images_or_default(images: list[Path] | None, task: str) -> list[Path]:
     return [] if task == "raw" else default_images()
 
 
-def _render(result: dict, folder: Path | None, report: Path | None, junit: Path | None) -> None:
-    """Print the summary, write the reports, exit 0 (passed) or 1 (a parity check failed)."""
-    from .report import console_summary, write_json, write_junit
+def _render(
+    result: dict, folder: Path | None, report: Path | None, junit: Path | None, markdown: Path | None
+) -> None:
+    """Print the summary; write report.json, report.md and the PNGs into the folder (and wherever asked);
+    exit 0 (passed) or 1 (a parity check failed)."""
+    from . import plots
+    from .report import console_summary, write_json, write_junit, write_markdown
 
     console_summary(result, console)
     written = []
@@ -169,9 +178,16 @@ def _render(result: dict, folder: Path | None, report: Path | None, junit: Path 
         (junit, write_junit),
     ):
         if path:
-            written.append(str(writer(result, path)))
+            written.append(writer(result, path))
+    for md in (folder and folder / "report.md", markdown):
+        if md:
+            pictures = [
+                plots.error_histograms(result, md.parent / "errors.png"),
+                plots.layer_curves(result, md.parent / "layers.png"),
+            ]
+            written += [p for p in pictures if p] + [write_markdown(result, md, [p for p in pictures if p])]
     if written:
-        console.print("  wrote " + ", ".join(written))
+        console.print("  wrote " + ", ".join(str(p) for p in dict.fromkeys(written)))
     raise typer.Exit(0 if result["passed"] else 1)
 
 

@@ -94,6 +94,21 @@ def compare_tensors(ref: np.ndarray, got: np.ndarray, tol: Tolerance, **ident) -
     )
 
 
+HIST_EDGES_LOG10 = list(range(-10, 3))  # bins of log10|got - ref|: below 1e-10, [1e-10, 1e-9), …, 1e2 and up
+
+
+def error_histogram(ref: np.ndarray, got: np.ndarray) -> list[int]:
+    """Counts of |got - ref| per decade (HIST_EDGES_LOG10); exact matches fall in the first bin."""
+    aligned = align(np.asarray(ref), np.asarray(got))
+    if aligned is None:
+        return [0] * (len(HIST_EDGES_LOG10) + 1)
+    diff = np.abs(aligned.astype(np.float64) - np.asarray(ref, dtype=np.float64)).ravel()
+    with np.errstate(divide="ignore"):
+        logs = np.where(diff > 0, np.log10(np.where(diff > 0, diff, 1.0)), -np.inf)
+    idx = np.searchsorted(HIST_EDGES_LOG10, logs, side="right")
+    return np.bincount(idx, minlength=len(HIST_EDGES_LOG10) + 1).tolist()
+
+
 def topk(logits: np.ndarray, k: int) -> list[int]:
     flat = np.asarray(logits, dtype=np.float64).reshape(-1)
     return [int(i) for i in np.argsort(-flat, kind="stable")[:k]]

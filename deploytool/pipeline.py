@@ -22,7 +22,7 @@ from .backends import (
     create_runner,
     parse_backends,
 )
-from .compare import compare_tensors, topk_agreement
+from .compare import HIST_EDGES_LOG10, compare_tensors, error_histogram, topk_agreement
 from .convert import convert, pnnx_version
 from .errors import BackendUnavailable, SpecError
 from .export import DEFAULT_OPSET, export_onnx, export_torchscript
@@ -212,7 +212,7 @@ def summarize(
 ) -> dict:
     """Compare every backend with the reference and build report.json's dict."""
     with timer.stage("compare"):
-        comparisons, task = _compare(spec, items, results, opts.ncnn_precision, reference)
+        comparisons, task, histograms = _compare(spec, items, results, opts.ncnn_precision, reference)
     passed = all(c["passed"] for c in comparisons) and all(t.get("passed", True) for t in task.values())
     return {
         "schema": SCHEMA,
@@ -235,6 +235,7 @@ def summarize(
         "stages": timer.stages,
         "comparisons": comparisons,
         "task": task,
+        "histograms": histograms,
     }
 
 
@@ -272,30 +273,27 @@ def _ncnn_feed(feed: dict, names: list[str]) -> dict:
 
 def _compare(
     spec: ModelSpec, items, results: dict, precision: str, reference: str
-) -> tuple[list[dict], dict]:
+) -> tuple[list[dict], dict, dict]:
+    """Tensor comparisons, task agreement and error histograms of every backend against the reference."""
     comparisons = []
     task: dict[str, dict] = {}
+    histograms: dict = {"edges_log10": HIST_EDGES_LOG10}
     ref_outs = results[reference]
     for backend, outs in results.items():
         if backend == reference:
             continue
         prec = precision if backend in NCNN_BACKENDS else "fp32"
-        tol = spec.tolerance(backend, prec)
-        for (label, _, _), ref, got in zip(items, ref_outs, outs, strict=True):
-            for name in spec.output_names:
-                c = compare_tensors(
-                    ref[name],
-                    got[name],
-                    tol,
-                    backend=backend,
-                    reference=reference,
-                    input=str(label),
-                    output=name,
-                )
-                comparisons.append(c.to_dict())
+        for name in spec.output_names:
+            tol = spec.tolerance(backend, prec, name)
+            counts = np.zeros(len(HIST_EDGES_LOG10) + 1, dtype=np.int64)
+            for (label, _, _), ref, got in zip(items, ref_outs, outs, strict=True):
+                ident = {"backend": backend, "reference": reference, "input": str(label), "output": name}
+                comparisons.append(compare_tensors(ref[name], got[name], tol, **ident).to_dict())
+                counts += error_histogram(ref[name], got[name])
+            histograms.setdefault(backend, {})[name] = counts.tolist()
         if spec.task == "classify":
             task[backend] = _classify_agreement(spec, ref_outs, outs)
-    return comparisons, task
+    return comparisons, task, histograms
 
 
 def _classify_agreement(spec: ModelSpec, ref_outs: list[dict], outs: list[dict]) -> dict:

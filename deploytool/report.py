@@ -120,3 +120,45 @@ def write_junit(report: dict, path: Path | str) -> Path:
     suite.set("time", str(sum(s["seconds"] for s in report.get("stages", {}).values())))
     ET.indent(suite)
     return write_text(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
+
+
+def write_markdown(report: dict, path: Path | str, pictures: list[Path] | None = None) -> Path:
+    """A summary fit for a CI job page: verdict, worst error per backend and output, task agreement,
+    the first failing layer, stage timings, and links to the PNG pictures."""
+    path = Path(path)
+    ok = report["passed"]
+    lines = [f"# {report['model']}: {'passed' if ok else 'FAILED'}", ""]
+    lines += [f"Reference: `{_reference(report)}`. Check: |got − ref| ≤ atol + rtol·|ref| elementwise.", ""]
+    lines += [
+        "| backend | output | inputs | max_abs | max_rel | cosine | atol / rtol | smallest passing atol "
+        "| result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for (backend, output), rows in _group(report["comparisons"]).items():
+        worst = max(rows, key=lambda r: _num(r["max_abs"]))
+        passed = all(r["passed"] for r in rows)
+        lines.append(
+            f"| {backend} | {output} | {len(rows)} | {_fmt(worst['max_abs'])} | {_fmt(worst['max_rel'])} | "
+            f"{_fmt(min(_num(r['cosine']) for r in rows))} | {worst['atol']:g} / {worst['rtol']:g} | "
+            f"{_fmt(max(_num(r['min_atol']) for r in rows))} | {'pass' if passed else '**FAIL**'} |"
+        )
+    if report.get("task"):
+        lines += ["", "| backend | task agreement | result |", "|---|---|---|"]
+        for backend, t in report["task"].items():
+            text = ", ".join(f"{k} {t[k]:.2f}" for k in t if k.endswith("_agreement"))
+            lines.append(f"| {backend} | {text} | {'pass' if t.get('passed', True) else '**FAIL**'} |")
+    first = next((r for r in report.get("layers", []) if not r["passed"]), None)
+    if first is not None:
+        lines += [
+            "",
+            f"First layer over tolerance ({first['comparison']}): `{first['layer']}` "
+            f"({first['type']}), blob `{first['blob']}`, max_abs {_fmt(first['max_abs'])}.",
+        ]
+    skipped = [f"{n} ({i['reason']})" for n, i in report["backends"].items() if not i["available"]]
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(skipped)]
+    stages = ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in report.get("stages", {}).items())
+    lines += ["", f"Stages: {stages}"]
+    for pic in pictures or []:
+        lines += ["", f"![{pic.stem}]({pic.name})"]
+    return write_text(path, "\n".join(lines) + "\n")

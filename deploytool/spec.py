@@ -63,13 +63,15 @@ class ModelSpec:
     task_args: dict[str, Any] = field(default_factory=dict)
     source: str = "<import>"
 
-    def tolerance(self, backend: str, precision: str = "fp32") -> Tolerance:
-        """The tolerance for `backend`, falling back to the spec's default."""
+    def tolerance(self, backend: str, precision: str = "fp32", output: str | None = None) -> Tolerance:
+        """The most specific tolerance: backend+precision, then backend, then default; each first
+        for `output` (`[tolerance.KEY.outputs.NAME]`), then for all outputs."""
         keys = [f"{backend}-{precision}"] if precision != "fp32" else []
         keys += [backend, "default"]
         for key in keys:
-            if key in self.tolerances:
-                return self.tolerances[key]
+            for k in ([f"{key}/{output}"] if output else []) + [key]:
+                if k in self.tolerances:
+                    return self.tolerances[k]
         return DEFAULT_TOLERANCES["default"]
 
 
@@ -121,6 +123,15 @@ def _triple(value: Any, where: str) -> tuple[float, float, float]:
     return tuple(float(v) for v in value)
 
 
+def _tolerance(table: Any, where: str) -> Tolerance:
+    if not isinstance(table, dict) or not {"atol", "rtol"} <= set(table):
+        raise SpecError(f"{where} needs both atol and rtol")
+    try:
+        return Tolerance(float(table["atol"]), float(table["rtol"]))
+    except (TypeError, ValueError):
+        raise SpecError(f"{where}: atol and rtol must be numbers") from None
+
+
 def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
     """Validate a parsed TOML document; every error names the file and the key."""
     known = {
@@ -159,9 +170,12 @@ def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
         raise SpecError(f"{source}: preprocess.std must not contain 0")
     tolerances = dict(DEFAULT_TOLERANCES)
     for key, tol in data.get("tolerance", {}).items():
-        if not isinstance(tol, dict) or not {"atol", "rtol"} <= set(tol):
-            raise SpecError(f"{source}: tolerance.{key} needs both atol and rtol")
-        tolerances[key] = Tolerance(float(tol["atol"]), float(tol["rtol"]))
+        if not isinstance(tol, dict):
+            raise SpecError(f"{source}: tolerance.{key} must be a table with atol and rtol")
+        for output, sub in tol.get("outputs", {}).items():
+            tolerances[f"{key}/{output}"] = _tolerance(sub, f"{source}: tolerance.{key}.outputs.{output}")
+        if {"atol", "rtol"} & set(tol) or not tol.get("outputs"):
+            tolerances[key] = _tolerance(tol, f"{source}: tolerance.{key}")
     shape = _shape(inp.get("shape", [1, 3, 224, 224]), f"{source}: input.shape")
     dynamic = [_shape(s, f"{source}: input.dynamic_shapes") for s in inp.get("dynamic_shapes", [])]
     names = out.get("names", ["output"])

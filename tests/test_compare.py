@@ -67,3 +67,16 @@ def test_topk_agreement():
     assert same["top1_match"] and same["top5_overlap"] == 1.0
     other = topk_agreement(ref, np.array([0.9, 0.1, 0.5, 0.3, 0.2, 0.0]), k=5)
     assert not other["top1_match"] and other["top1"] == 0
+
+
+def test_error_histogram_counts_per_decade():
+    from deploytool.compare import HIST_EDGES_LOG10, error_histogram
+
+    ref = np.zeros(4)
+    got = np.array([0.0, 3e-7, 2e-3, 50.0])
+    counts = error_histogram(ref, got)
+    assert sum(counts) == 4 and len(counts) == len(HIST_EDGES_LOG10) + 1
+    assert counts[0] == 1  # exact match
+    assert counts[HIST_EDGES_LOG10.index(-7) + 1] == 1
+    assert counts[HIST_EDGES_LOG10.index(-3) + 1] == 1
+    assert counts[HIST_EDGES_LOG10.index(1) + 1] == 1

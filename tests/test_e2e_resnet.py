@@ -142,5 +142,8 @@ def test_cli_run_writes_report_and_junit(tmp_path):
 
     data = json.loads(report.read_text())
     assert data["passed"] and data["backends"]["ncnn-cpu"]["available"]
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert md.startswith("# resnet18: passed") and "| ncnn-cpu | logits | 1 |" in md and "errors.png" in md
+    assert (tmp_path / "o" / "errors.png").read_bytes()[:4] == b"\x89PNG"
     suite = ET.parse(junit).getroot()
     assert suite.get("failures") == "0" and int(suite.get("tests")) == 2

@@ -66,3 +66,26 @@ def test_toml_syntax_error_is_a_spec_error(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(SpecError, match="invalid TOML"):
         load_spec(str(bad))
+
+
+def test_per_output_and_per_precision_tolerances():
+    spec = spec_from_dict(
+        {
+            "name": "x",
+            "factory": "a:b",
+            "tolerance": {
+                "default": {"atol": 1e-4, "rtol": 1e-4},
+                "ncnn-vulkan": {
+                    "atol": 1e-2,
+                    "rtol": 1e-2,
+                    "outputs": {"boxes": {"atol": 0.5, "rtol": 1e-2}},
+                },
+                "ncnn-vulkan-fp16": {"atol": 5e-2, "rtol": 5e-2},
+            },
+        },
+        "t.toml",
+    )
+    assert spec.tolerance("ncnn-vulkan", output="boxes").atol == 0.5
+    assert spec.tolerance("ncnn-vulkan", output="scores").atol == 1e-2
+    assert spec.tolerance("ncnn-vulkan", "fp16", output="scores").atol == 5e-2
+    assert spec.tolerance("onnxruntime", output="boxes").atol == 1e-4
