@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Build libncnn (C++ library, CPU) from the PyPI sdist of the installed ncnn wheel into the deploytool cache.
+#
+#   scripts/build_ncnn.sh            # what `make ncnn` runs
+#
+# Result: ${DEPLOYTOOL_CACHE:-$HOME/.cache/deploytool}/ncnn-<version>/{lib/cmake/ncnn,include,...}
+# (pass -Dncnn_DIR=<that>/lib/cmake/ncnn to cmake). The folder is reused when its stamp file exists;
+# the stamp is written last, so an interrupted build is redone from scratch. Logs: <that>.logs/.
+#
+# Environment:
+#   DEPLOYTOOL_CACHE   cache root (default $HOME/.cache/deploytool)
+#   PYTHON             interpreter whose ncnn wheel gives the version (default .venv/bin/python, else python3)
+#   NCNN_VERSION       override the version (e.g. 1.0.20261020) instead of asking the wheel
+#   JOBS               parallel build jobs (default 2)
+#   NCNN_VULKAN        ON to also build the Vulkan path (bundled glslang, ~2x build time); default OFF.
+#                      The C++ runner checks fp32 CPU parity, so OFF is enough for it.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+die() { echo "build_ncnn.sh: error: $*" >&2; exit 1; }
+
+# --- system packages: compiler, cmake, OpenCV and nlohmann-json headers for the runner -------------
+need_pkgs=()
+for pkg in build-essential cmake libopencv-dev nlohmann-json3-dev; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
+done
+if ((${#need_pkgs[@]})); then
+    cmd="apt-get install -y --no-install-recommends ${need_pkgs[*]}"
+    if [[ $(id -u) -eq 0 ]]; then
+        echo "build_ncnn.sh: installing ${need_pkgs[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive $cmd >/dev/null || die "'$cmd' failed"
+    else
+        die "missing Debian packages; run: sudo $cmd"
+    fi
+fi
+
+# --- which version ----------------------------------------------------------------------------------
+py="${PYTHON:-}"
+if [[ -z $py ]]; then
+    if [[ -x $here/.venv/bin/python ]]; then py="$here/.venv/bin/python"; else py=python3; fi
+fi
+version="${NCNN_VERSION:-}"
+if [[ -z $version ]]; then
+    version="$("$py" -c 'import importlib.metadata as m; print(m.version("ncnn"))')" \
+        || die "cannot read the installed ncnn wheel's version with $py (set NCNN_VERSION=1.0.YYYYMMDD)"
+fi
+[[ $version =~ ^[0-9]+\.[0-9]+\.([0-9]+)$ ]] || die "unexpected ncnn version '$version'"
+patch="${BASH_REMATCH[1]}"
+
+cache="${DEPLOYTOOL_CACHE:-$HOME/.cache/deploytool}"
+vulkan="${NCNN_VULKAN:-OFF}"
+suffix=""
+[[ $vulkan == ON ]] && suffix="-vulkan"
+prefix="$cache/ncnn-$version$suffix"
+stamp="$prefix/.deploytool-stamp"
+logs="$prefix.logs"
+
+if [[ -f $stamp ]]; then
+    echo "libncnn $version already built: $prefix"
+    exit 0
+fi
+
+rm -rf "$prefix" "$logs"
+mkdir -p "$logs"
+work="$(mktemp -d "$cache/.ncnn-build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+start=$(date +%s)
+
+# --- fetch the sdist --------------------------------------------------------------------------------
+# The sdist's setup.py derives its version from today's date, so `pip download ncnn==X --no-binary
+# :all:` rejects it ("inconsistent version"). Instead ask the package index (pip's configured
+# index-url, PEP 691 JSON) for the file's URL and sha256, then let pip download that exact URL with
+# the hash checked.
+index="$("$py" -m pip config get global.index-url 2>/dev/null || true)"
+index="${index:-${PIP_INDEX_URL:-https://pypi.org/simple}}"
+url="$("$py" - "$index" "$version" <<'EOF'
+import json, sys, urllib.request
+index, version = sys.argv[1].rstrip("/"), sys.argv[2]
+req = urllib.request.Request(f"{index}/ncnn/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=60) as r:
+    files = json.load(r)["files"]
+name = f"ncnn-{version}.tar.gz"
+for f in files:
+    if f["filename"] == name and "sha256" in f.get("hashes", {}):
+        print(f"{f['url'].split('#')[0]}#sha256={f['hashes']['sha256']}")
+        break
+else:
+    sys.exit(f"{name} is not listed on {index}/ncnn/")
+EOF
+)" || die "cannot find the ncnn $version sdist on $index"
+
+echo "build_ncnn.sh: downloading ncnn $version sdist"
+"$py" -m pip download --no-deps --no-build-isolation --dest "$work" "ncnn @ $url" \
+    >"$logs/download.log" 2>&1 || die "pip download failed; see $logs/download.log"
+tar -xzf "$work/ncnn-$version.tar.gz" -C "$work" || die "cannot unpack ncnn-$version.tar.gz"
+src="$work/ncnn-$version"
+[[ -f $src/CMakeLists.txt ]] || die "no CMakeLists.txt in the sdist"
+
+# --- configure, build, install ----------------------------------------------------------------------
+echo "build_ncnn.sh: configuring (log: $logs/configure.log)"
+cmake -S "$src" -B "$work/build" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_INSTALL_PREFIX="$prefix" \
+    -DNCNN_VERSION="$patch" \
+    -DNCNN_VULKAN="$vulkan" \
+    -DNCNN_BUILD_TOOLS=OFF \
+    -DNCNN_BUILD_EXAMPLES=OFF \
+    -DNCNN_BUILD_BENCHMARK=OFF \
+    -DNCNN_BUILD_TESTS=OFF \
+    -DNCNN_PYTHON=OFF \
+    >"$logs/configure.log" 2>&1 || die "cmake configure failed; see $logs/configure.log"
+
+echo "build_ncnn.sh: building with ${JOBS:-2} jobs (log: $logs/build.log)"
+cmake --build "$work/build" -j "${JOBS:-2}" >"$logs/build.log" 2>&1 \
+    || die "cmake build failed; see $logs/build.log"
+cmake --install "$work/build" >"$logs/install.log" 2>&1 \
+    || die "cmake install failed; see $logs/install.log"
+[[ -f $prefix/lib/cmake/ncnn/ncnnConfig.cmake ]] || die "install did not produce lib/cmake/ncnn/ncnnConfig.cmake"
+
+secs=$(($(date +%s) - start))
+printf 'version=%s\nvulkan=%s\nseconds=%s\n' "$version" "$vulkan" "$secs" >"$stamp"
+echo "libncnn $version built in ${secs}s: $prefix"
+echo "use: cmake -Dncnn_DIR=$prefix/lib/cmake/ncnn ..."
