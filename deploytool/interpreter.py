@@ -391,17 +391,22 @@ def _matmul(layer: Layer, inputs, w):
     return [np.matmul(a, b)]
 
 
-def _align_rank(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _align_rank(a: np.ndarray, b: np.ndarray, layer: Layer) -> np.ndarray:
     """Expand a lower-rank operand the way ncnn's BinaryOp does.
 
-    When a's innermost axis matches b's axis at a's last position, a keeps the outer axes
-    (e.g. a 1-d blob of c values against (c, h, w) acts per channel); otherwise the axes align
-    on the right as in numpy.
+    A 1-d operand whose length matches b's outermost axis acts along that axis (per channel
+    against (c, h, w)); otherwise it aligns with the innermost axis. ncnn gives shapes that are
+    no numpy broadcast for higher-rank gaps (a (h, w) blob against (c, h, w)), so those are refused.
     """
-    if a.ndim >= b.ndim or a.ndim == 0:
+    if a.ndim >= b.ndim:
         return a
-    extra = b.ndim - a.ndim
-    if a.shape[-1] == b.shape[a.ndim - 1]:
+    if a.ndim != 1:
+        raise UnsupportedLayerError(
+            f"layer {layer.name} (BinaryOp): broadcasting a {a.shape} blob against a {b.shape} blob "
+            "is not implemented (only equal ranks and 1-d operands are)"
+        )
+    extra = b.ndim - 1
+    if a.shape[0] == b.shape[0]:
         return a.reshape(a.shape + (1,) * extra)
     return a.reshape((1,) * extra + a.shape)
 
@@ -436,7 +441,7 @@ def _binary_op(layer: Layer, inputs, w):
             return [fn(a, b.reshape(-1)[0] + np.zeros_like(a))]
         if a.size == 1:
             return [fn(a.reshape(-1)[0] + np.zeros_like(b), b)]
-        a2, b2 = _align_rank(a, b), _align_rank(b, a)
+        a2, b2 = _align_rank(a, b, layer), _align_rank(b, a, layer)
         try:
             return [fn(a2, b2)]
         except ValueError:
@@ -527,6 +532,11 @@ def _slice(layer: Layer, inputs, w):
         outs.append(np.take(x, range(q, q + length), axis=axis))
         q += length
     return outs
+
+
+def _cumulative_sum(layer: Layer, inputs, w):
+    x = inputs[0]
+    return [np.cumsum(x, axis=_axis(layer, 0, x.ndim))]
 
 
 def _split(layer: Layer, inputs, w):
@@ -855,6 +865,7 @@ OPS: dict[str, Callable] = {
     "Convolution": lambda layer, inputs, w: _conv(layer, inputs, w, depthwise=False),
     "ConvolutionDepthWise": lambda layer, inputs, w: _conv(layer, inputs, w, depthwise=True),
     "Crop": _crop,
+    "CumulativeSum": _cumulative_sum,
     "Dropout": _dropout,
     "ELU": _elu,
     "Eltwise": _eltwise,
@@ -929,6 +940,20 @@ class NcnnInterpreter:
             if rec.layer_index == indices[0] and rec.name == weight:
                 return rec
         raise SpecError(f"layer {layer_name!r} has no {weight!r} array in {self.bin_path}")
+
+    def run_layer(self, layer: Layer, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """One layer of this graph on given input blobs (e.g. another backend's), float64 outputs.
+
+        Comparing its outputs with that backend's isolates each layer's own error from the error
+        it inherits.
+        """
+        index = next((i for i, known in enumerate(self.graph.layers) if known is layer), None)
+        if index is None or layer.type == "Input":
+            raise SpecError(f"layer {layer.name} is not a computing layer of {self.param_path}")
+        arrays = [np.asarray(x, dtype=np.float64) for x in inputs]
+        return [
+            np.asarray(out, dtype=np.float64) for out in OPS[layer.type](layer, arrays, self.weights[index])
+        ]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every blob of the graph in graph order, as float64 arrays shaped as ncnn shapes them.

@@ -81,11 +81,9 @@ def compare_blobs(
                         LayerResult(blob, layer.name, layer.type, np.inf, np.inf, 0.0, False, np.inf, np.inf)
                     )
                     continue
-            max_abs, max_rel, cosine, passed, required = _metrics(x, y, atol, rtol)
             owner = producers[blob]
-            results.append(
-                LayerResult(blob, owner.name, owner.type, max_abs, max_rel, cosine, passed, required)
-            )
+            metrics = _metrics(x, y, atol, rtol, peak_rtol)
+            results.append(LayerResult(blob, owner.name, owner.type, *metrics))
     return results
 
 
