@@ -1,0 +1,286 @@
+"""ncnn through the C++ runner built from cmake/ against the libncnn that `make ncnn` builds."""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError, BackendUnavailable, SpecError
+from .base import Runner
+
+RUNNER_EXE = "deploytool_runner"
+FIX = "run `make ncnn` (scripts/build_ncnn.sh: apt packages + libncnn from the ncnn sdist)"
+# Files of cmake/ that make up the runner; their bytes key the build cache and go into bundles.
+SOURCE_GLOBS = ("CMakeLists.txt", "src/*", "toolchains/*", "run_ncnn.py")
+
+
+def cache_root() -> Path:
+    """$DEPLOYTOOL_CACHE, else ~/.cache/deploytool (shared with scripts/build_ncnn.sh)."""
+    env = os.environ.get("DEPLOYTOOL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "deploytool"
+
+
+def ncnn_wheel_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version("ncnn")
+    except PackageNotFoundError:
+        return None
+
+
+def ncnn_prefix() -> Path | None:
+    """Install prefix of the libncnn built by scripts/build_ncnn.sh for the installed wheel's version."""
+    ver = ncnn_wheel_version()
+    return cache_root() / f"ncnn-{ver}" if ver else None
+
+
+def ncnn_cmake_dir() -> Path | None:
+    """ncnn_DIR for CMake, or None when libncnn was not built (or its build was interrupted)."""
+    prefix = ncnn_prefix()
+    if prefix is None or not (prefix / ".deploytool-stamp").is_file():
+        return None
+    d = prefix / "lib" / "cmake" / "ncnn"
+    return d if (d / "ncnnConfig.cmake").is_file() else None
+
+
+def runner_source_dir() -> Path:
+    """The repository's cmake/ folder with the runner sources."""
+    return Path(__file__).resolve().parents[2] / "cmake"
+
+
+def runner_source_files() -> list[Path]:
+    src = runner_source_dir()
+    files = {Path(p) for pattern in SOURCE_GLOBS for p in glob.glob(str(src / pattern))}
+    return sorted(f for f in files if f.is_file())
+
+
+def sources_hash() -> str:
+    """Key of the runner build: runner sources plus the libncnn it links against."""
+    h = hashlib.sha256()
+    src = runner_source_dir()
+    for f in runner_source_files():
+        h.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(str(ncnn_cmake_dir()).encode())
+    return h.hexdigest()[:16]
+
+
+def _missing_system_parts() -> list[str]:
+    """What the runner build needs from the system and does not find (cmake, compiler, headers)."""
+    missing = []
+    if shutil.which("cmake") is None:
+        missing.append("cmake")
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+        missing.append("a C++17 compiler (g++)")
+    roots = ["/usr", "/usr/local", os.environ.get("OpenCV_DIR", "")]
+    patterns = ("lib/*/cmake/opencv4/OpenCVConfig.cmake", "lib/cmake/opencv4/OpenCVConfig.cmake")
+    if not os.environ.get("OpenCV_DIR") and not any(
+        glob.glob(os.path.join(r, p)) for r in roots if r for p in patterns
+    ):
+        missing.append("OpenCV for C++ (libopencv-dev)")
+    json_patterns = ("share/cmake/nlohmann_json", "lib/*/cmake/nlohmann_json", "lib/cmake/nlohmann_json")
+    if not any(glob.glob(os.path.join(r, p)) for r in ("/usr", "/usr/local") for p in json_patterns):
+        missing.append("nlohmann-json (nlohmann-json3-dev)")
+    return missing
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive file lock, so parallel test workers build the runner once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_logged(cmd: list[str], log: Path, what: str) -> None:
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise BackendError(f"ncnn-cpp: {what} failed (exit {proc.returncode}); see {log}")
+
+
+def build_runner(jobs: int = 2) -> Path:
+    """Build deploytool_runner once per source hash under the cache; returns the executable.
+
+    Logs stay in <cache>/runner-<hash>.logs/. The build happens in a temporary folder that is
+    renamed into place, so an interrupted build is redone.
+    """
+    ncnn_dir = ncnn_cmake_dir()
+    if ncnn_dir is None:
+        raise BackendUnavailable(f"ncnn-cpp: libncnn {ncnn_wheel_version()} is not built; {FIX}")
+    key = sources_hash()
+    root = cache_root()
+    final = root / f"runner-{key}"
+    exe = final / RUNNER_EXE
+    if exe.is_file():
+        return exe
+    with _locked(root / f"runner-{key}.lock"):
+        if exe.is_file():
+            return exe
+        logs = root / f"runner-{key}.logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".runner-{key}.", dir=root))
+        try:
+            build = work / "build"
+            _run_logged(
+                [
+                    "cmake",
+                    "-S",
+                    str(runner_source_dir()),
+                    "-B",
+                    str(build),
+                    "-DCMAKE_BUILD_TYPE=Release",
+                    f"-Dncnn_DIR={ncnn_dir}",
+                ],
+                logs / "configure.log",
+                "cmake configure of the C++ runner",
+            )
+            _run_logged(
+                ["cmake", "--build", str(build), "-j", str(jobs)],
+                logs / "build.log",
+                "building the C++ runner",
+            )
+            out = work / "out"
+            out.mkdir()
+            shutil.copy2(build / RUNNER_EXE, out / RUNNER_EXE)
+            os.replace(out, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return exe
+
+
+class NcnnCppRunner(Runner):
+    """Runs deploytool_runner (C++, libncnn, fp32 CPU) as a subprocess.
+
+    The C++ program preprocesses images itself, so there are two ways in:
+    `run_images(paths)` gives the program image files (the deployed path, preprocessing included);
+    `infer(feed)` writes the already preprocessed tensor to .npy, which the program feeds as is.
+    Either way the raw outputs come back through `--dump-raw` .npy files.
+    """
+
+    name = "ncnn-cpp"
+
+    def __init__(self, param: Path, bin: Path, meta: dict, threads: int = 2):
+        super().__init__()
+        self.param, self.bin = Path(param).resolve(), Path(bin).resolve()
+        self.meta = dict(meta)
+        self.threads = threads
+        self.exe: Path | None = None
+        self._work: Path | None = None
+        self._calls = 0
+        self._last_json_latency_s: float | None = None
+
+    @classmethod
+    def available(cls) -> tuple[bool, str | None]:
+        if ncnn_wheel_version() is None:
+            return False, "the ncnn Python package is not installed; its version picks the libncnn to use"
+        missing = _missing_system_parts()
+        if missing:
+            return False, f"missing {', '.join(missing)}; {FIX}"
+        if ncnn_cmake_dir() is None:
+            return False, f"libncnn {ncnn_wheel_version()} is not built in {cache_root()}; {FIX}"
+        return True, None
+
+    def device(self) -> str | None:
+        return "cpu (C++ runner)"
+
+    def _load(self) -> None:
+        for f in (self.param, self.bin):
+            if not f.is_file():
+                raise SpecError(f"{f}: no such file")
+        self.exe = build_runner()
+        self._work = Path(tempfile.mkdtemp(prefix="deploytool-ncnn-cpp."))
+        meta = dict(self.meta, param=str(self.param), bin=str(self.bin))
+        (self._work / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def _unload(self) -> None:
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+
+    def _run(self, inputs: list[Path]) -> tuple[Path, dict]:
+        """One runner process over `inputs` (distinct stems); returns its dump folder and JSON."""
+        self._calls += 1
+        dump = self._work / f"call{self._calls}"
+        cmd = [str(self.exe), str(self._work / "meta.json"), *map(str, inputs)]
+        cmd += ["--dump-raw", str(dump), "--threads", str(self.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log = self._work / f"call{self._calls}.log"
+        log.write_text(f"$ {' '.join(cmd)}\n{proc.stderr}")
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            why = lines[-1] if lines else f"exit {proc.returncode}"
+            raise BackendError(f"ncnn-cpp: {RUNNER_EXE} failed (exit {proc.returncode}): {why}")
+        try:
+            return dump, json.loads(proc.stdout)
+        except json.JSONDecodeError as exc:
+            raise BackendError(f"ncnn-cpp: {RUNNER_EXE} printed no valid JSON ({exc})") from exc
+
+    def _load_npy(self, path: Path) -> np.ndarray:
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as exc:
+            raise BackendError(
+                f"ncnn-cpp: {RUNNER_EXE} did not write a readable {path.name} ({exc})"
+            ) from exc
+
+    def _outputs(self, dump: Path, stem: str) -> dict[str, np.ndarray]:
+        return {name: self._load_npy(dump / f"{stem}.{name}.npy") for name in self.meta["outputs"]}
+
+    def run_images(self, paths: list[Path]) -> list[tuple[dict[str, np.ndarray], np.ndarray, dict]]:
+        """For each image: (raw outputs by blob name with batch axis, preprocessed input (1,C,H,W),
+        the runner's JSON result for that image: top_k or detections in original pixels)."""
+        if self._work is None:
+            raise BackendError(f"{self.name}: run_images() called outside `with runner:`")
+        paths = [Path(p) for p in paths]
+        results: list = [None] * len(paths)
+        pending = list(range(len(paths)))
+        while pending:  # the runner names dumps by file stem, so one call per set of distinct stems
+            batch, stems = [], set()
+            for i in pending:
+                if paths[i].stem not in stems:
+                    batch.append(i)
+                    stems.add(paths[i].stem)
+            pending = [i for i in pending if i not in batch]
+            dump, doc = self._run([paths[i] for i in batch])
+            for i, item in zip(batch, doc["results"], strict=True):
+                stem = paths[i].stem
+                results[i] = (self._outputs(dump, stem), self._load_npy(dump / f"{stem}.input.npy"), item)
+        return results
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = self.meta["input"]["name"]
+        if name not in feed:
+            raise SpecError(f"ncnn-cpp: feed has no input {name!r} (it has {', '.join(feed)})")
+        self._calls += 1
+        x = self._work / f"feed{self._calls}.npy"
+        np.save(x, np.ascontiguousarray(feed[name], dtype=np.float32))
+        dump, doc = self._run([x])
+        self._last_json_latency_s = doc["results"][0]["latency_ms"] / 1000
+        return self._outputs(dump, x.stem)
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """As Runner.infer; `last_latency_s` is the network time the runner measured, without the
+        process start and model load that a subprocess call adds."""
+        out = super().infer(feed)
+        if self._last_json_latency_s is not None:
+            self.last_latency_s = self._last_json_latency_s
+        return out
