@@ -61,32 +61,51 @@ if [[ -f $stamp ]]; then
     exit 0
 fi
 
-rm -rf "$prefix" "$logs"
+# One build at a time per version (parallel CI jobs, a second terminal); the winner's stamp ends it.
+mkdir -p "$cache"
+exec 9>"$prefix.lock"
+flock 9 || die "cannot lock $prefix.lock"
+if [[ -f $stamp ]]; then
+    echo "libncnn $version already built: $prefix"
+    exit 0
+fi
+
+rm -rf "$prefix" "$logs" "$cache/.ncnn-$version-build."*  # leftovers of an interrupted build
 mkdir -p "$logs"
-work="$(mktemp -d "$cache/.ncnn-build.XXXXXX")"
+work="$(mktemp -d "$cache/.ncnn-$version-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 
 # --- fetch the sdist --------------------------------------------------------------------------------
 # The sdist's setup.py derives its version from today's date, so `pip download ncnn==X --no-binary
 # :all:` rejects it ("inconsistent version"). Instead ask the package index (pip's configured
-# index-url, PEP 691 JSON) for the file's URL and sha256, then let pip download that exact URL with
-# the hash checked.
+# index-url; PEP 691 JSON or PEP 503 HTML) for the file's URL and sha256, then let pip download
+# that exact URL with the hash checked.
 index="$("$py" -m pip config get global.index-url 2>/dev/null || true)"
 index="${index:-${PIP_INDEX_URL:-https://pypi.org/simple}}"
 url="$("$py" - "$index" "$version" <<'EOF'
-import json, sys, urllib.request
+import json, re, sys, urllib.parse, urllib.request
 index, version = sys.argv[1].rstrip("/"), sys.argv[2]
-req = urllib.request.Request(f"{index}/ncnn/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-with urllib.request.urlopen(req, timeout=60) as r:
-    files = json.load(r)["files"]
+page = f"{index}/ncnn/"
+accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+with urllib.request.urlopen(urllib.request.Request(page, headers={"Accept": accept}), timeout=60) as r:
+    body, ctype = r.read().decode(), r.headers.get("Content-Type", "")
 name = f"ncnn-{version}.tar.gz"
-for f in files:
-    if f["filename"] == name and "sha256" in f.get("hashes", {}):
-        print(f"{f['url'].split('#')[0]}#sha256={f['hashes']['sha256']}")
+if "json" in ctype:  # PEP 691
+    files = json.loads(body)["files"]
+    links = [(f["filename"], f["url"], f.get("hashes", {}).get("sha256")) for f in files]
+else:  # PEP 503 HTML
+    links = []
+    for href in re.findall(r'href="([^"]+)"', body):
+        url, _, frag = urllib.parse.urljoin(page, href.replace("&amp;", "&")).partition("#")
+        filename = urllib.parse.unquote(url.rsplit("/", 1)[-1])
+        links.append((filename, url, frag.partition("sha256=")[2] or None))
+for filename, url, sha256 in links:
+    if filename == name and sha256:
+        print(f"{urllib.parse.urljoin(page, url.split('#')[0])}#sha256={sha256}")
         break
 else:
-    sys.exit(f"{name} is not listed on {index}/ncnn/")
+    sys.exit(f"{name} (with a sha256) is not listed on {page}")
 EOF
 )" || die "cannot find the ncnn $version sdist on $index"
 
