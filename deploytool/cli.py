@@ -120,6 +120,9 @@ def parity(
         Path | None, typer.Option("--save-golden", help="store inputs and reference outputs in FILE.npz")
     ] = None,
     reference: Annotated[str | None, typer.Option("--reference", help="backend to compare against")] = None,
+    layerwise: Annotated[
+        bool, typer.Option("--layerwise", help="compare every blob and name the first layer that diverges")
+    ] = False,
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
     ncnn_precision: PrecisionOpt = "fp32",
@@ -146,6 +149,7 @@ def parity(
             golden=golden,
             save_golden=save_golden,
             reference=reference,
+            layerwise=layerwise,
         )
         result = run_parity(target, opts)
     except DeployError as exc:

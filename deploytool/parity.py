@@ -43,6 +43,7 @@ class ParityOptions(RunOptions):
     golden: Path | None = None
     save_golden: Path | None = None
     reference: str | None = None
+    layerwise: bool = False
 
 
 def locate(target: Path) -> tuple[Artifacts, str | None]:
@@ -175,7 +176,26 @@ def run_parity(target: Path, opts: ParityOptions) -> dict:
         write_golden(
             opts.save_golden, items, results[reference], {"model": spec.name, "reference": reference}
         )
-    return summarize(spec, art, opts, info, items, results, timer, reference)
+    report = summarize(spec, art, opts, info, items, results, timer, reference)
+    if opts.layerwise:
+        if art.ncnn_param is None:
+            raise SpecError(f"--layerwise compares ncnn blobs, but {target} has no .param")
+        from .layerwise import layerwise
+
+        with timer.stage("layerwise"):
+            rows, first = layerwise(
+                art.ncnn_param,
+                art.ncnn_bin,
+                items[0][1],
+                art.model,
+                vulkan="ncnn-vulkan" in backends,
+                precision=opts.ncnn_precision,
+                threads=opts.threads,
+            )
+        report["layers"] = rows
+        report["layerwise"] = {"input": str(items[0][0]), "first_failure": first}
+        report["passed"] = report["passed"] and all(v is None for v in first.values())
+    return report
 
 
 def _npz_item(path: Path, spec: ModelSpec):

@@ -62,6 +62,8 @@ def console_summary(report: dict, console: Console) -> None:
         elif info.get("latency_ms_median") is not None:
             dev = f" on {info['device']}" if info.get("device") not in (None, "cpu") else ""
             console.print(f"  {name}{dev}: median {info['latency_ms_median']:.2f} ms per inference")
+    if report.get("layers"):
+        layer_table(report, console)
     stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report["stages"].items())
     console.print(f"  stages: {stages}")
     verdict = "[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]"
@@ -69,6 +71,44 @@ def console_summary(report: dict, console: Console) -> None:
         f"{verdict}: {sum(c['passed'] for c in report['comparisons'])}/{len(report['comparisons'])} "
         "tensor checks passed"
     )
+
+
+def layer_table(report: dict, console: Console) -> None:
+    """Blobs in graph order, one error column per layer-wise comparison; the first failure of each marked."""
+    rows = report["layers"]
+    names = list(dict.fromkeys(r["comparison"] for r in rows))
+    by_blob: dict[str, dict] = {}
+    for r in rows:
+        by_blob.setdefault(r["blob"], {"row": r})[r["comparison"]] = r
+    firsts = report.get("layerwise", {}).get("first_failure", {})
+    table = Table(title="per-layer max |Δ| (✗ = over tolerance, ◀ = first failure)")
+    for col in ("#", "layer", "type", "blob"):
+        table.add_column(col)
+    for name in names:
+        table.add_column(name, justify="right")
+    for blob, entry in sorted(by_blob.items(), key=lambda kv: kv[1]["row"]["index"]):
+        cells = []
+        for name in names:
+            r = entry.get(name)
+            if r is None:
+                cells.append("")
+                continue
+            first = firsts.get(name)
+            mark = " ◀" if first and first["blob"] == blob else (" ✗" if not r["passed"] else "")
+            style = "red" if not r["passed"] else ""
+            cells.append(f"[{style}]{_fmt(r['max_abs'])}{mark}[/]" if style else _fmt(r["max_abs"]) + mark)
+        row = entry["row"]
+        table.add_row(str(row["index"]), row["layer"], row["type"], blob, *cells)
+    console.print(table)
+    for name in names:
+        first = firsts.get(name)
+        if first is None:
+            console.print(f"  {name}: every blob within tolerance")
+        else:
+            console.print(
+                f"  [red]{name}: first diverges at layer {first['layer']} ({first['type']}), "
+                f"blob {first['blob']}, max_abs {_fmt(first['max_abs'])}[/]"
+            )
 
 
 def _reference(report: dict) -> str:
@@ -147,13 +187,14 @@ def write_markdown(report: dict, path: Path | str, pictures: list[Path] | None =
         for backend, t in report["task"].items():
             text = ", ".join(f"{k} {t[k]:.2f}" for k in t if k.endswith("_agreement"))
             lines.append(f"| {backend} | {text} | {'pass' if t.get('passed', True) else '**FAIL**'} |")
-    first = next((r for r in report.get("layers", []) if not r["passed"]), None)
-    if first is not None:
-        lines += [
-            "",
-            f"First layer over tolerance ({first['comparison']}): `{first['layer']}` "
-            f"({first['type']}), blob `{first['blob']}`, max_abs {_fmt(first['max_abs'])}.",
-        ]
+    for name, first in report.get("layerwise", {}).get("first_failure", {}).items():
+        where = (
+            "every blob within tolerance"
+            if first is None
+            else f"first diverges at `{first['layer']}` ({first['type']}), blob `{first['blob']}`, "
+            f"max_abs {_fmt(first['max_abs'])}"
+        )
+        lines += ["", f"Layer-wise, {name}: {where}."]
     skipped = [f"{n} ({i['reason']})" for n, i in report["backends"].items() if not i["available"]]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped)]

@@ -1,5 +1,6 @@
 """`deploytool parity` on existing artifacts: golden files, bare .param/.onnx files, other references."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -53,7 +54,6 @@ def test_golden_round_trip_and_detects_a_changed_bin(resnet_run, ncnn_files, tmp
         "parity", ncnn_files / "model.ncnn.param", "--golden", golden, "--report", tmp_path / "r.json"
     )
     assert result.exit_code == 0, result.output
-    import json
 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["reference"] == "golden"
@@ -84,7 +84,6 @@ def test_onnx_reference_on_bare_files_with_npz_input(ncnn_files, tmp_path):
         tmp_path / "r.json",
     )
     assert result.exit_code == 0, result.output
-    import json
 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["reference"] == "onnxruntime" and report["passed"]
@@ -112,3 +111,57 @@ def test_golden_file_errors_are_clear(tmp_path, ncnn_files):
     assert result.exit_code == 2 and "--save-golden" in result.stderr
     result = _invoke("parity", ncnn_files / "model.ncnn.param", "--golden", tmp_path / "none.npz")
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("conv", ["convrelu_0", "conv_8"])
+def test_layerwise_blames_the_corrupted_convolution(resnet_run, tmp_path, conv):
+    from deploytool.layerwise import scale_layer_weights
+
+    out, report = resnet_run
+    folder = tmp_path / "faulty"
+    folder.mkdir()
+    for name in ("model.ncnn.param", "model.pt"):
+        shutil.copy(out / name, folder / name)
+    (folder / "report.json").write_text(json.dumps({"spec": report["spec"]}))
+    scale_layer_weights(
+        out / "model.ncnn.param", out / "model.ncnn.bin", conv, 1.5, folder / "model.ncnn.bin"
+    )
+    result = _invoke(
+        "parity",
+        folder,
+        "--layerwise",
+        "--backends",
+        "ncnn-cpu",
+        "--images",
+        IMAGES / "chelsea.jpg",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert result.exit_code == 1, result.output
+    assert f"torch vs ncnn-cpu: first diverges at layer {conv} (Convolution)" in result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    first = data["layerwise"]["first_failure"]
+    assert first["torch vs ncnn-cpu"]["layer"] == conv and first["torch vs interpreter"]["layer"] == conv
+    assert first["ncnn-cpu vs interpreter"] is None  # same weights on both sides: ncnn's kernels are fine
+    assert (folder / "layers.png").is_file() and f"`{conv}`" in (folder / "report.md").read_text()
+
+
+def test_layerwise_on_clean_files_blames_nothing(resnet_run, tmp_path):
+    out, _ = resnet_run
+    result = _invoke(
+        "parity",
+        out,
+        "--model",
+        "resnet18",
+        "--layerwise",
+        "--backends",
+        "ncnn-cpu",
+        "--images",
+        IMAGES / "chelsea.jpg",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert all(v is None for v in data["layerwise"]["first_failure"].values())
+    assert len({r["comparison"] for r in data["layers"]}) == 3
