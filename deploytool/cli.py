@@ -178,6 +178,7 @@ def _render(
     written = []
     for path, writer in (
         (folder and folder / "report.json", write_json),
+        (folder and folder / "junit.xml", write_junit),
         (report, write_json),
         (junit, write_junit),
     ):

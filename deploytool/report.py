@@ -155,6 +155,12 @@ def write_junit(report: dict, path: Path | str) -> Path:
             ET.SubElement(
                 case, "failure", message=json.dumps({k: v for k, v in t.items() if k != "per_input"})
             )
+    for name, first in report.get("layerwise", {}).get("first_failure", {}).items():
+        case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.layerwise", name=name)
+        if first is not None:
+            failures += 1
+            msg = f"first diverges at layer {first['layer']} ({first['type']}), blob {first['blob']}"
+            ET.SubElement(case, "failure", message=msg)
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
     suite.set("time", str(sum(s["seconds"] for s in report.get("stages", {}).values())))
