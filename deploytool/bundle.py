@@ -130,10 +130,12 @@ def _readme(meta: dict, has_report: bool) -> str:
     model = meta.get("model", "model")
     inp = meta["input"]
     report = "- `report.json`: the parity report this bundle was checked with\n" if has_report else ""
+    outputs = ", ".join(f"`{o}`" for o in meta["outputs"])
+    pre = f"{inp.get('color', 'rgb')}, {inp.get('resize', 'resize')}"
     return f"""# {model}: ncnn bundle
 
 Made by deploytool. Task `{meta["task"]}`, input `{inp["name"]}` {inp["width"]}x{inp["height"]}
-({inp["color"]}, {inp["resize"]}), outputs {", ".join(f"`{o}`" for o in meta["outputs"])}.
+({pre}), outputs {outputs}.
 
 - `model.ncnn.param`, `model.ncnn.bin`: the network
 - `meta.json`: input name and size, preprocessing (value = (pixel - mean_vals) * norm_vals), outputs,
