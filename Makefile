@@ -3,7 +3,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.deploytool-setup
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup ncnn demo test lint format clean
 
 setup: $(STAMP)
 
@@ -11,11 +11,16 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
+# libncnn for the C++ runner (ncnn-cpp backend, bundles), built from ncnn's sdist on PyPI into
+# ${DEPLOYTOOL_CACHE:-~/.cache/deploytool}/ncnn-<version> once (~13 min on 2 cores), then reused.
+ncnn: setup
+	PYTHON=$(BIN)/python bash scripts/build_ncnn.sh
+
 demo: setup
 	$(BIN)/deploytool run resnet18 --images images --out out/demo \
 		--report out/demo/report.json --junit out/demo/junit.xml
 
-test: setup
+test: setup ncnn
 	$(BIN)/pytest
 
 lint: setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -197,6 +198,52 @@ def _render(
 
 
 @app.command()
+def bundle(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="the bundle folder to write")],
+    work: Annotated[Path | None, typer.Option("--work", help="run folder [default: out/MODEL]")] = None,
+    images: ImagesOpt = None,
+    converter: ConverterOpt = "pnnx",
+    input_shape: ShapeOpt = None,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = 2,
+) -> None:
+    """Convert MODEL, check parity (torch, ncnn-cpu, and the C++ runner when libncnn is built), and
+    write the folder that goes onto the board; nothing is written if parity fails."""
+    from .backends import availability
+    from .bundle import write_bundle
+    from .pipeline import RunOptions
+    from .pipeline import run as run_pipeline
+    from .report import console_summary, write_json
+    from .spec import load_spec
+
+    try:
+        spec = load_spec(model, input_shape)
+        backends = "torch,ncnn-cpu" + (",ncnn-cpp" if availability("ncnn-cpp")[0] else "")
+        opts = RunOptions(
+            out=Path(work or Path("out") / spec.name),
+            backends=backends,
+            images=_images_or_default(images, spec.task),
+            converter=converter,
+            weights=weights,
+            threads=threads,
+        )
+        result = run_pipeline(spec, opts)
+        console_summary(result, console)
+        report = write_json(result, opts.out / "report.json")
+        if not result["passed"]:
+            err_console.print(f"[red]error:[/] parity failed; no bundle written (details: {report})")
+            raise typer.Exit(1)
+        if result["artifacts"].get("ncnn_param") is None or not (opts.out / "meta.json").is_file():
+            raise _spec_error(f"{spec.name}: bundles need a classify or detect spec with image input")
+        meta = json.loads((opts.out / "meta.json").read_text())
+        path = write_bundle(out, opts.out / "model.ncnn.param", opts.out / "model.ncnn.bin", meta, report)
+    except DeployError as exc:
+        _fail(exc)
+    console.print(f"wrote bundle {path}: see {path / 'README.md'} to build and run it on the board")
+
+
+@app.command()
 def export(
     model: ModelArg,
     out: OutOpt = None,
@@ -278,6 +325,7 @@ def convert(
 def doctor() -> None:
     """Versions of every tool, Vulkan devices, and which converters are present."""
     from .backends import RUNNERS
+    from .backends.ncnn_cpp import ncnn_cmake_dir
     from .backends.ncnn_runner import vulkan_device_name
     from .convert import find_onnx2ncnn, find_pnnx
     from .pipeline import versions
@@ -292,6 +340,8 @@ def doctor() -> None:
     console.print(
         f"{'onnx2ncnn':12} {find_onnx2ncnn() or '[yellow]not on PATH[/] (use --converter pnnx-onnx)'}"
     )
+    libncnn = ncnn_cmake_dir() or "[yellow]not built[/] (make ncnn; needed by ncnn-cpp and bundles)"
+    console.print(f"{'libncnn':12} {libncnn}")
     for name, cls in RUNNERS.items():
         ok, reason = cls.available()
         console.print(

@@ -10,6 +10,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .backends import REFERENCE, RUNNERS, Artifacts
+from .bundle import TASKS, meta_for
 from .errors import SpecError
 from .inputs import default_images
 from .ncnn_param import read_param
@@ -69,6 +70,12 @@ def locate(target: Path) -> tuple[Artifacts, str | None]:
         raise SpecError(f"{target} is neither a run folder nor a .param/.onnx/.pt file")
     if art.ncnn_param is not None:
         art.ncnn_bin = art.ncnn_param.with_suffix(".bin")
+        meta = art.ncnn_param.parent / "meta.json"  # the deployment's own preprocessing, for ncnn-cpp
+        if meta.is_file():
+            try:
+                art.meta = json.loads(meta.read_text())
+            except ValueError:
+                raise SpecError(f"{meta} is not valid JSON; fix it or delete it") from None
         if not art.ncnn_bin.is_file():
             raise SpecError(
                 f"{art.ncnn_bin} is missing: a .param needs its .bin beside it, with the same stem"
@@ -127,7 +134,10 @@ def run_parity(target: Path, opts: ParityOptions) -> dict:
     else:
         spec = _synth_spec(art, Path(target).stem, shape)
     reference = _pick_reference(opts, art, model is not None)
-    default = [b for b in NEEDS if getattr(art, NEEDS[b]) is not None]
+    if art.meta is None and art.ncnn_param is not None and model is not None and spec.task in TASKS:
+        art.meta = meta_for(spec, art.ncnn_param, num_classes=spec.factory_args.get("num_classes"))
+    # the default set leaves out ncnn-cpp, as `run` does: it needs libncnn built (`make ncnn`)
+    default = [b for b in NEEDS if getattr(art, NEEDS[b]) is not None and b != "ncnn-cpp"]
     backends, info = select_backends(opts.backends, reference, default=default)
     for backend in backends:
         if backend in NEEDS and getattr(art, NEEDS[backend]) is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
@@ -13,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .atomic import write_text
 from .backends import (
     NCNN_BACKENDS,
+    PRECISION_BACKENDS,
     REFERENCE,
     RUNNERS,
     Artifacts,
@@ -158,8 +161,20 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
             )
         art.ncnn_param, art.ncnn_bin = converted.param, converted.bin
         art.converter, art.converter_log = opts.converter, converted.log
+        art.meta = write_meta(spec, art.ncnn_param, out / "meta.json")
     results = infer_all(spec, art, opts, backends, backend_info, items, timer)
     return summarize(spec, art, opts, backend_info, items, results, timer)
+
+
+def write_meta(spec: ModelSpec, param: Path, path: Path) -> dict | None:
+    """meta.json for the runners (C++, bundle) when the model is an image classifier or detector."""
+    from .bundle import TASKS, meta_for
+
+    if spec.task not in TASKS:
+        return None
+    meta = meta_for(spec, param, num_classes=spec.factory_args.get("num_classes"))
+    write_text(path, json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def inputs_for(spec: ModelSpec, opts: RunOptions) -> list:
@@ -189,15 +204,29 @@ def infer_all(
         with timer.stage(f"infer:{name}"), runner:
             backend_info[name]["device"] = runner.device()
             outs = []
-            for _, feed, _ in items:
-                result = runner.infer(_ncnn_feed(feed, ncnn_inputs) if name in NCNN_BACKENDS else feed)
+            for label, feed, geometry in items:
+                if name == "ncnn-cpp" and geometry is not None:
+                    result = _cpp_on_image(runner, Path(label), feed, backend_info[name])
+                else:
+                    result = runner.infer(_ncnn_feed(feed, ncnn_inputs) if name in NCNN_BACKENDS else feed)
                 latencies.append(runner.last_latency_s)
                 outs.append(_by_spec_name(result, spec.output_names))
         results[name] = outs
         backend_info[name]["latency_ms_median"] = round(statistics.median(latencies) * 1e3, 3)
-        if name in NCNN_BACKENDS:
+        if name in PRECISION_BACKENDS:
             backend_info[name]["precision"] = opts.ncnn_precision
     return results
+
+
+def _cpp_on_image(runner, image: Path, feed: dict, info: dict) -> dict:
+    """The C++ runner on the image file itself, so its own (ncnn) preprocessing is under test too;
+    how far its input tensor is from Python's is recorded as `preprocess_max_abs`."""
+    [(raw, x_cpp, doc)] = runner.run_images([image])
+    x_py = next(iter(feed.values()))
+    diff = float(np.abs(x_cpp.reshape(x_py.shape) - x_py).max()) if x_cpp.size == x_py.size else float("inf")
+    info["preprocess_max_abs"] = max(info.get("preprocess_max_abs", 0.0), diff)
+    runner.last_latency_s = doc.get("latency_ms", 0.0) / 1000
+    return raw
 
 
 def summarize(
@@ -282,7 +311,7 @@ def _compare(
     for backend, outs in results.items():
         if backend == reference:
             continue
-        prec = precision if backend in NCNN_BACKENDS else "fp32"
+        prec = precision if backend in PRECISION_BACKENDS else "fp32"
         for name in spec.output_names:
             tol = spec.tolerance(backend, prec, name)
             counts = np.zeros(len(HIST_EDGES_LOG10) + 1, dtype=np.int64)

@@ -61,7 +61,9 @@ def console_summary(report: dict, console: Console) -> None:
             console.print(f"  [yellow]skipped {name}[/]: {info['reason']}")
         elif info.get("latency_ms_median") is not None:
             dev = f" on {info['device']}" if info.get("device") not in (None, "cpu") else ""
-            console.print(f"  {name}{dev}: median {info['latency_ms_median']:.2f} ms per inference")
+            pre = info.get("preprocess_max_abs")
+            note = f"; its own preprocessing vs Python's: max_abs {_fmt(pre)}" if pre is not None else ""
+            console.print(f"  {name}{dev}: median {info['latency_ms_median']:.2f} ms per inference{note}")
     if report.get("layers"):
         layer_table(report, console)
     stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report["stages"].items())

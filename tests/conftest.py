@@ -12,15 +12,24 @@ IMAGES = REPO / "images"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("vulkan") is None:
-        return
-    from deploytool.backends.ncnn_runner import vulkan_device_name
+    """`vulkan` tests need a Vulkan device (required when DEPLOYTOOL_REQUIRE_VULKAN=1); `cpp` tests need
+    libncnn built by `make ncnn` (required when CI=true)."""
+    if item.get_closest_marker("vulkan") is not None:
+        from deploytool.backends.ncnn_runner import vulkan_device_name
 
-    if vulkan_device_name() is None:
-        reason = "ncnn sees no Vulkan device (apt-get install -y libvulkan1 mesa-vulkan-drivers)"
-        if os.environ.get("DEPLOYTOOL_REQUIRE_VULKAN") == "1":
-            pytest.fail(f"DEPLOYTOOL_REQUIRE_VULKAN=1 but {reason}")
-        pytest.skip(reason)
+        if vulkan_device_name() is None:
+            reason = "ncnn sees no Vulkan device (apt-get install -y libvulkan1 mesa-vulkan-drivers)"
+            if os.environ.get("DEPLOYTOOL_REQUIRE_VULKAN") == "1":
+                pytest.fail(f"DEPLOYTOOL_REQUIRE_VULKAN=1 but {reason}")
+            pytest.skip(reason)
+    if item.get_closest_marker("cpp") is not None:
+        from deploytool.backends.ncnn_cpp import NcnnCppRunner
+
+        ok, reason = NcnnCppRunner.available()
+        if not ok:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI=true but the C++ runner cannot be built: {reason}")
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

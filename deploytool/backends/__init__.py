@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SpecError
 from .base import Runner
+from .ncnn_cpp import NcnnCppRunner
 from .ncnn_runner import NcnnRunner, NcnnVulkanRunner
 from .ort_runner import OnnxRuntimeRunner
 from .torch_runner import TorchRunner, TorchScriptRunner
@@ -19,9 +20,11 @@ RUNNERS: dict[str, type[Runner]] = {
     "onnxruntime": OnnxRuntimeRunner,
     "ncnn-cpu": NcnnRunner,
     "ncnn-vulkan": NcnnVulkanRunner,
+    "ncnn-cpp": NcnnCppRunner,
 }
 DEFAULT_BACKENDS = ["torch", "onnxruntime", "ncnn-cpu", "ncnn-vulkan"]
-NCNN_BACKENDS = ("ncnn-cpu", "ncnn-vulkan")
+NCNN_BACKENDS = ("ncnn-cpu", "ncnn-vulkan", "ncnn-cpp")  # run the converted .param/.bin
+PRECISION_BACKENDS = ("ncnn-cpu", "ncnn-vulkan")  # take --ncnn-precision (the C++ runner is fp32)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Artifacts:
     ncnn_bin: Path | None = None
     converter: str | None = None
     converter_log: Path | None = None
+    meta: dict | None = None  # meta.json for the runners (ncnn-cpp, bundles)
 
 
 def parse_backends(text: str | None) -> list[str]:
@@ -71,4 +75,8 @@ def create_runner(
         return TorchScriptRunner(art.torchscript, input_names, output_names, threads)
     if name == "onnxruntime":
         return OnnxRuntimeRunner(art.onnx, threads)
+    if name == "ncnn-cpp":
+        if art.meta is None:
+            raise SpecError("ncnn-cpp needs meta.json (written by `run` for classify and detect specs)")
+        return NcnnCppRunner(art.ncnn_param, art.ncnn_bin, art.meta, threads)
     return RUNNERS[name](art.ncnn_param, art.ncnn_bin, precision=precision, threads=threads)
