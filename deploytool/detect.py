@@ -1,0 +1,326 @@
+"""Detection post-processing (decode, class-aware NMS) and detection-level parity between backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import SpecError
+from .inputs import Geometry
+
+# Two detections of one class overlapping less than this are different objects, not a poor match.
+MATCH_IOU_FLOOR = 0.5
+
+
+@dataclass
+class Detections:
+    """Boxes (xyxy, original-image pixels), scores and class ids, sorted by score, best first."""
+
+    boxes: np.ndarray  # [n, 4] float32
+    scores: np.ndarray  # [n] float32
+    class_ids: np.ndarray  # [n] int64
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def above(self, threshold: float) -> Detections:
+        """Only the detections scoring at least `threshold`."""
+        keep = self.scores >= threshold
+        return Detections(self.boxes[keep], self.scores[keep], self.class_ids[keep])
+
+    def to_list(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """JSON-friendly list of detections."""
+        out = []
+        for box, score, cls in zip(self.boxes, self.scores, self.class_ids, strict=True):
+            item = {
+                "class_id": int(cls),
+                "score": round(float(score), 6),
+                "box": [round(float(v), 2) for v in box],
+            }
+            if names is not None and 0 <= cls < len(names):
+                item["class"] = names[cls]
+            out.append(item)
+        return out
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """The detection task's knobs, read from a spec's [task_args]."""
+
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+    margin: float = 0.05
+    score_tol: float = 0.05
+    iou_min: float = 0.95
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_task_args(cls, args: dict[str, Any], source: str = "<spec>") -> DetectSettings:
+        """Validate [task_args]: confidence, iou, max_det, margin, score_tol, iou_min, names."""
+        known = {"confidence", "iou", "max_det", "margin", "score_tol", "iou_min", "names"}
+        unknown = set(args) - known
+        if unknown:
+            raise SpecError(
+                f"{source}: unknown task_args key(s) {', '.join(sorted(unknown))} for task 'detect'; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        d = cls()
+        fields = {
+            "confidence": "conf",
+            "iou": "iou",
+            "margin": "margin",
+            "score_tol": "score_tol",
+            "iou_min": "iou_min",
+        }
+        values = {}
+        for key, attr in fields.items():
+            value = args.get(key, getattr(d, attr))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise SpecError(f"{source}: task_args.{key} must be a number in [0, 1], got {value!r}")
+            values[attr] = float(value)
+        max_det = args.get("max_det", d.max_det)
+        if not isinstance(max_det, int) or max_det <= 0:
+            raise SpecError(f"{source}: task_args.max_det must be a positive integer, got {max_det!r}")
+        names = args.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise SpecError(f"{source}: task_args.names must be a list of strings")
+        return cls(max_det=max_det, names=tuple(names), **values)
+
+
+def postprocess(
+    raw: np.ndarray,
+    geometry: Geometry | None = None,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    max_det: int = 300,
+    margin: float = 0.0,
+) -> Detections:
+    """Decoded head output [1, 4+nc, N] or [4+nc, N] (cx, cy, w, h, class scores) -> Detections.
+
+    Each cell keeps its best class; candidates scoring at least `conf - margin` go through OpenCV's
+    class-aware NMS (cv2.dnn.NMSBoxesBatched) at IoU `iou`; at most `max_det` survive, best first.
+    Keeping candidates a `margin` below the threshold lets a parity check see the counterpart of a
+    reference detection that sits just above it. Boxes are mapped to original-image pixels with
+    `geometry` (left in network-input pixels when it is None).
+    """
+    import cv2
+
+    a = np.asarray(raw, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2 or a.shape[0] < 5:
+        raise SpecError(f"detection output must have shape [1, 4+classes, N], got {list(np.shape(raw))}")
+    cls_scores = a[4:]
+    class_ids = cls_scores.argmax(0)
+    scores = cls_scores[class_ids, np.arange(a.shape[1])]
+    keep = np.flatnonzero(scores >= conf - margin)
+    if keep.size == 0:
+        return Detections.empty()
+    cx, cy, w, h = a[0, keep], a[1, keep], a[2, keep], a[3, keep]
+    xywh = np.stack([cx - w / 2, cy - h / 2, w, h], 1).astype(np.float64)
+    picked = np.asarray(
+        cv2.dnn.NMSBoxesBatched(
+            xywh, scores[keep].astype(np.float32), class_ids[keep].astype(np.int32), conf - margin, iou
+        ),
+        dtype=np.int64,
+    ).reshape(-1)
+    picked = picked[np.argsort(-scores[keep][picked], kind="stable")][:max_det]
+    idx = keep[picked]
+    boxes = xywh[picked].copy()
+    boxes[:, 2:] += boxes[:, :2]
+    boxes = boxes.astype(np.float32)
+    if geometry is not None:
+        boxes = geometry.to_original(boxes)
+    return Detections(boxes, scores[idx].astype(np.float32), class_ids[idx].astype(np.int64))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes: [n, 4] x [m, 4] -> [n, m]."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+@dataclass
+class DetectionParity:
+    """How well one backend's detections agree with the reference's."""
+
+    passed: bool
+    conf: float
+    margin: float
+    iou_min: float
+    score_tol: float
+    n_ref: int  # detections at or above conf
+    n_got: int
+    matched: int  # pairs (same class, IoU >= MATCH_IOU_FLOOR)
+    unmatched_ref: int
+    unmatched_got: int
+    min_iou: float | None  # over matched pairs; None when nothing matched
+    max_score_diff: float | None
+    borderline: int  # unmatched detections within `margin` of conf: may flip, not failures
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json form."""
+        return {
+            "passed": self.passed,
+            "confidence": self.conf,
+            "margin": self.margin,
+            "iou_min": self.iou_min,
+            "score_tol": self.score_tol,
+            "n_ref": self.n_ref,
+            "n_got": self.n_got,
+            "matched": self.matched,
+            "unmatched_ref": self.unmatched_ref,
+            "unmatched_got": self.unmatched_got,
+            "min_iou": self.min_iou,
+            "max_score_diff": self.max_score_diff,
+            "borderline": self.borderline,
+            "failures": list(self.failures),
+        }
+
+
+def _describe(d: Detections, i: int) -> str:
+    box = ", ".join(f"{v:.1f}" for v in d.boxes[i])
+    return f"class {int(d.class_ids[i])} score {float(d.scores[i]):.4f} box [{box}]"
+
+
+def match_detections(
+    ref: Detections,
+    got: Detections,
+    conf: float = 0.25,
+    margin: float = 0.05,
+    iou_min: float = 0.95,
+    score_tol: float = 0.05,
+) -> DetectionParity:
+    """Match `got` to `ref` greedily by IoU within each class and judge the agreement.
+
+    Passed when every detection scoring at least conf + margin on either side is matched with
+    IoU >= iou_min and |score difference| <= score_tol. Detections within `margin` of conf that find
+    no partner are counted as borderline (they may legitimately cross the threshold between
+    backends); detections below conf - margin are ignored. Choose score_tol <= 2 * margin, so that
+    a strong detection's counterpart is never cut by post-processing's conf - margin floor.
+    """
+    floor = conf - margin
+    ref, got = ref.above(floor), got.above(floor)
+    iou = box_iou(ref.boxes, got.boxes)
+    iou[ref.class_ids[:, None] != got.class_ids[None, :]] = 0.0
+    pairs: list[tuple[int, int, float]] = []
+    ref_free = np.ones(len(ref), bool)
+    got_free = np.ones(len(got), bool)
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        i, j = np.unravel_index(flat, iou.shape)
+        if iou[i, j] < MATCH_IOU_FLOOR:
+            break
+        if ref_free[i] and got_free[j]:
+            ref_free[i] = got_free[j] = False
+            pairs.append((int(i), int(j), float(iou[i, j])))
+
+    strong = conf + margin
+    failures = []
+    ious, diffs = [], []
+    for i, j, pair_iou in pairs:
+        diff = abs(float(ref.scores[i]) - float(got.scores[j]))
+        ious.append(pair_iou)
+        diffs.append(diff)
+        if max(ref.scores[i], got.scores[j]) < strong:
+            continue
+        if pair_iou < iou_min:
+            failures.append(
+                f"IoU {pair_iou:.4f} < {iou_min}: ref {_describe(ref, i)} vs got {_describe(got, j)}"
+            )
+        if diff > score_tol:
+            failures.append(
+                f"|Δscore| {diff:.4f} > {score_tol}: ref {_describe(ref, i)} vs got {_describe(got, j)}"
+            )
+    borderline = 0
+    for side, dets, free in (("ref", ref, ref_free), ("got", got, got_free)):
+        for i in np.flatnonzero(free):
+            if dets.scores[i] >= strong:
+                failures.append(f"unmatched {side} detection: {_describe(dets, i)}")
+            else:
+                borderline += 1
+    return DetectionParity(
+        passed=not failures,
+        conf=conf,
+        margin=margin,
+        iou_min=iou_min,
+        score_tol=score_tol,
+        n_ref=int((ref.scores >= conf).sum()),
+        n_got=int((got.scores >= conf).sum()),
+        matched=len(pairs),
+        unmatched_ref=int(ref_free.sum()),
+        unmatched_got=int(got_free.sum()),
+        min_iou=min(ious) if ious else None,
+        max_score_diff=max(diffs) if diffs else None,
+        borderline=borderline,
+        failures=failures,
+    )
+
+
+def compare_raw(
+    ref_raw: np.ndarray, got_raw: np.ndarray, geometry: Geometry | None, settings: DetectSettings
+) -> tuple[DetectionParity, Detections, Detections]:
+    """Post-process two backends' raw outputs for one image the same way and match them."""
+    s = settings
+    ref = postprocess(ref_raw, geometry, s.conf, s.iou, s.max_det, s.margin)
+    got = postprocess(got_raw, geometry, s.conf, s.iou, s.max_det, s.margin)
+    return match_detections(ref, got, s.conf, s.margin, s.iou_min, s.score_tol), ref, got
+
+
+def _colour(class_id: int) -> tuple[int, int, int]:
+    """A stable, well-spread BGR colour per class."""
+    hue = (class_id * 47) % 180
+    hsv = np.uint8([[[hue, 200, 255]]])
+    import cv2
+
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def draw(
+    img: np.ndarray,
+    detections: Detections,
+    names: list[str] | tuple[str, ...] = (),
+    conf: float | None = None,
+) -> np.ndarray:
+    """A copy of the BGR image with boxes and 'name score' labels (only scores >= conf when given)."""
+    import cv2
+
+    out = img.copy()
+    dets = detections if conf is None else detections.above(conf)
+    thickness = max(1, round(min(out.shape[:2]) / 300))
+    font_scale = 0.4 * thickness
+    for box, score, cls in zip(dets.boxes, dets.scores, dets.class_ids, strict=True):
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        colour = _colour(int(cls))
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness, cv2.LINE_AA)
+        name = names[cls] if 0 <= cls < len(names) else str(int(cls))
+        label = f"{name} {float(score):.2f}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        top = y1 - th - base if y1 - th - base >= 0 else y1
+        cv2.rectangle(out, (x1, top), (x1 + tw, top + th + base), colour, cv2.FILLED)
+        cv2.putText(
+            out,
+            label,
+            (x1, top + th),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            (0, 0, 0),
+            thickness,
+            cv2.LINE_AA,
+        )
+    return out
