@@ -108,7 +108,8 @@ def postprocess(
     class-aware NMS (cv2.dnn.NMSBoxesBatched) at IoU `iou`; at most `max_det` survive, best first.
     Keeping candidates a `margin` below the threshold lets a parity check see the counterpart of a
     reference detection that sits just above it. Boxes are mapped to original-image pixels with
-    `geometry` (left in network-input pixels when it is None).
+    `geometry` (left in network-input pixels when it is None); boxes lying wholly in the letterbox
+    padding are dropped.
     """
     import cv2
 
@@ -138,6 +139,9 @@ def postprocess(
     boxes = boxes.astype(np.float32)
     if geometry is not None:
         boxes = geometry.to_original(boxes)
+        # A box wholly inside the letterbox padding clips to zero area: it shows nothing of the image.
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, idx = boxes[inside], idx[inside]
     return Detections(boxes, scores[idx].astype(np.float32), class_ids[idx].astype(np.int64))
 
 

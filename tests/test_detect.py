@@ -184,11 +184,13 @@ def test_postprocess_maps_to_the_original_image():
     # A box in network pixels covering the image's centre quarter.
     s = geom.scale_x
     cx, cy = 300 * s, 150 * s + geom.pad_y
-    raw = raw_from([(cx, cy, 300 * s, 150 * s, 0, 0.9), (10, 10, 100, 100, 1, 0.8)])
+    raw = raw_from([(cx, cy, 300 * s, 150 * s, 0, 0.9), (30, 180, 100, 100, 1, 0.8)])
     d = postprocess(raw, geom)
     np.testing.assert_allclose(d.boxes[0], [150, 75, 450, 225], atol=1e-3)
-    # The second box lies mostly in the padding: clipped to the image.
+    # The second box reaches into the padding: clipped to the image.
     assert d.boxes[1].min() >= 0 and d.boxes[1][3] <= 300
+    # A box wholly in the top padding shows nothing of the image: dropped.
+    assert len(postprocess(raw_from([(300, 50, 100, 60, 0, 0.9)]), geom)) == 0
 
 
 def test_geometry_identity():
