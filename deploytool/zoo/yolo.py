@@ -215,7 +215,7 @@ def _seeded_init(model: YOLOv8, seed: int, cls_std: tuple[float, float, float]) 
     astronaut/coffee give 3-10x larger class logits than chelsea/rocket, so no single setting gives
     "a few" boxes on all four. The chosen values keep P3/P4 nearly silent (0.04) and let P5 produce
     the boxes: yolov8n (0.54): 1 to 75 boxes per image and size, every photo has some; yolov8s (0.78):
-    16 to 65 on astronaut/coffee, none on chelsea/rocket. tests/test_yolo.py checks these ranges.
+    16 to 65 on astronaut/coffee, none on chelsea/rocket. tests/test_yolo.py checks yolov8n's range.
     """
     generator = torch.Generator().manual_seed(seed)
     for m in model.modules():
