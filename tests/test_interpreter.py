@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import convert_model
 from torch import nn
 
 from deploytool.backends.ncnn_runner import NcnnRunner
@@ -20,31 +20,6 @@ from deploytool.zoo.init import randomise_batchnorm
 from deploytool.zoo.resnet import resnet18
 
 PNNX = Path(sys.executable).parent / "pnnx"
-
-
-def convert(model: nn.Module, x: torch.Tensor, folder: Path, via: str) -> tuple[Path, Path]:
-    """TorchScript or ONNX, then pnnx in fp32; returns (.param, .bin)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = ",".join(str(d) for d in x.shape)
-    if via == "torchscript":
-        src, shape_arg = folder / "m.pt", f"[{shape}]f32"
-        torch.jit.trace(model, x).save(str(src))
-    else:
-        src, shape_arg = folder / "m.onnx", f"[{shape}]"
-        torch.onnx.export(model, x, str(src), dynamo=False, opset_version=17, input_names=["input"])
-    names = {
-        "ncnnparam": "m.ncnn.param",
-        "ncnnbin": "m.ncnn.bin",
-        "pnnxparam": "m.pnnx.param",
-        "pnnxbin": "m.pnnx.bin",
-        "pnnxpy": "m_pnnx.py",
-        "pnnxonnx": "m.pnnx.onnx",
-        "ncnnpy": "m_ncnn.py",
-    }
-    cmd = [str(PNNX), src.name, f"inputshape={shape_arg}", "fp16=0"] + [f"{k}={v}" for k, v in names.items()]
-    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return folder / names["ncnnparam"], folder / names["ncnnbin"]
 
 
 def peak_rel(a: np.ndarray, ref: np.ndarray) -> float:
@@ -202,7 +177,9 @@ def resnet(tmp_path_factory):
     model = resnet18(seed=0)
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     root = tmp_path_factory.mktemp("resnet18")
-    files = {via: convert(model, torch.from_numpy(x), root / via, via) for via in ("torchscript", "onnx")}
+    files = {
+        via: convert_model(model, torch.from_numpy(x), root / via, via) for via in ("torchscript", "onnx")
+    }
     blobs = {via: NcnnInterpreter(*files[via]).run({"in0": x}) for via in files}
     return model, x, files, blobs
 
@@ -250,7 +227,7 @@ def tiny_yolo(tmp_path_factory):
     return (
         model,
         x,
-        {via: convert(model, torch.from_numpy(x), root / via, via) for via in ("torchscript", "onnx")},
+        {via: convert_model(model, torch.from_numpy(x), root / via, via) for via in ("torchscript", "onnx")},
     )
 
 
@@ -273,7 +250,7 @@ def test_zoo_yolov8n(tmp_path):
     yolo = pytest.importorskip("deploytool.zoo.yolo", reason="deploytool/zoo/yolo.py has not landed")
     model = yolo.yolov8n(num_classes=80, seed=0).eval()
     x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    param, bin_ = convert(model, torch.from_numpy(x), tmp_path, "torchscript")
+    param, bin_ = convert_model(model, torch.from_numpy(x), tmp_path, "torchscript")
     interp = NcnnInterpreter(param, bin_)
     blobs = interp.run({"in0": x})
     outputs = [b for b in blobs if b.startswith("out")]
@@ -298,7 +275,7 @@ def test_zoo_yolov8n(tmp_path):
 def test_coverage_model_matches_torch_and_ncnn(tmp_path):
     model = seeded(Coverage())
     x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
-    param, bin_ = convert(model, torch.from_numpy(x), tmp_path, "torchscript")
+    param, bin_ = convert_model(model, torch.from_numpy(x), tmp_path, "torchscript")
     interp = NcnnInterpreter(param, bin_)
     types = {layer.type for layer in interp.graph.layers}
     expected = {"ConvolutionDepthWise", "Padding", "Crop", "UnaryOp", "MatMul", "Gemm", "Reduction", "PReLU"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import convert_model
 from torch import nn
 
 from deploytool.backends.ncnn_runner import NcnnRunner, NcnnVulkanRunner
@@ -31,28 +31,6 @@ from deploytool.zoo.resnet import resnet18
 PNNX = Path(sys.executable).parent / "pnnx"
 
 
-def convert(model: nn.Module, x: torch.Tensor, folder: Path, via: str) -> tuple[Path, Path]:
-    """TorchScript or ONNX, then pnnx in fp32; returns (.param, .bin)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = ",".join(str(d) for d in x.shape)
-    if via == "torchscript":
-        src, shape_arg = folder / "m.pt", f"[{shape}]f32"
-        torch.jit.trace(model, x).save(str(src))
-    else:
-        src, shape_arg = folder / "m.onnx", f"[{shape}]"
-        torch.onnx.export(model, x, str(src), dynamo=False, opset_version=17, input_names=["input"])
-    outs = ["ncnnparam=m.ncnn.param", "ncnnbin=m.ncnn.bin", "pnnxparam=m.pnnx.param", "pnnxbin=m.pnnx.bin"]
-    outs += ["pnnxpy=m_pnnx.py", "pnnxonnx=m.pnnx.onnx", "ncnnpy=m_ncnn.py"]
-    proc = subprocess.run(
-        [str(PNNX), src.name, f"inputshape={shape_arg}", "fp16=0", *outs],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return folder / "m.ncnn.param", folder / "m.ncnn.bin"
-
-
 def ncnn_blobs(param, bin_, x, runner=NcnnRunner):
     with runner(param, bin_) as r:
         return r.extract_all({"in0": x})
@@ -64,7 +42,7 @@ def resnet(tmp_path_factory):
     model = resnet18(seed=0)
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     folder = tmp_path_factory.mktemp("resnet18")
-    param, bin_ = convert(model, torch.from_numpy(x), folder, "torchscript")
+    param, bin_ = convert_model(model, torch.from_numpy(x), folder, "torchscript")
     graph = NcnnInterpreter(param, bin_).graph
     # layer3.0.conv1: the first 3x3 convolution with 256 outputs (pnnx names it convrelu_N: ReLU fused)
     target = next(
@@ -176,7 +154,7 @@ def test_rewritten_intermediates_are_not_blamed(tmp_path, via):
     randomise_batchnorm(model, torch.Generator().manual_seed(0))
     model.eval()
     x = np.random.default_rng(5).standard_normal((1, 4, 12, 12)).astype(np.float32)
-    param, bin_ = convert(model, torch.from_numpy(x), tmp_path, via)
+    param, bin_ = convert_model(model, torch.from_numpy(x), tmp_path, via)
     graph = NcnnInterpreter(param, bin_).graph
     matches = match_torch(ncnn_blobs(param, bin_, x), graph, record_torch(model, torch.from_numpy(x)))
     assert blame(matches, graph) is None, [m for m in matches if not m.explained]
