@@ -19,7 +19,7 @@ class Layer:
     name: str
     bottoms: list[str]
     tops: list[str]
-    params: dict[int, int | float | list[int | float]] = field(default_factory=dict)
+    params: dict[int, int | float | str | list[int | float]] = field(default_factory=dict)
 
     def get(self, key: int, default=None):
         return self.params.get(key, default)
@@ -55,14 +55,16 @@ def _number(text: str) -> int | float:
 
 
 def _parse_params(tokens: list[str], where: str) -> dict:
-    params: dict[int, int | float | list[int | float]] = {}
+    params: dict[int, int | float | str | list[int | float]] = {}
     for token in tokens:
         key_text, sep, value = token.partition("=")
         if not sep:
             raise SpecError(f"{where}: malformed parameter {token!r} (expected key=value)")
         try:
             key = int(key_text)
-            if key <= ARRAY_KEY_BASE:
+            if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+                params[key] = value[1:-1]  # pnnx's shape expressions for dynamic sizes, e.g. "*(0h,0w),64"
+            elif key <= ARRAY_KEY_BASE:
                 items = value.split(",")
                 params[ARRAY_KEY_BASE - key] = [_number(v) for v in items[1 : 1 + int(items[0])]]
             else:

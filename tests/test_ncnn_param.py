@@ -9,7 +9,7 @@ Input            in0      0 1 in0
 Convolution      conv_0   1 1 in0 1 0=8 1=3 4=1 5=1 6=216 9=1
 Split            splitncnn_0 1 2 1 2 3
 BinaryOp         add_0    2 1 2 3 4 0=0
-Reshape          reshape_0 1 1 4 out0 0=-1 -23301=3,1,2,3 2=1.5e-3
+Reshape          reshape_0 1 1 4 out0 0=-1 -23301=3,1,2,3 2=1.5e-3 6="*(0h,0w),64"
 """
 
 
@@ -22,6 +22,7 @@ def test_parses_layers_blobs_and_array_params():
     reshape = g.layers[4]
     assert reshape.params[0] == -1 and reshape.params[1] == [1, 2, 3]
     assert reshape.params[2] == pytest.approx(1.5e-3)
+    assert reshape.params[6] == "*(0h,0w),64"  # pnnx's expression for a dynamic shape
     assert g.producer("4").name == "add_0"
 
 
