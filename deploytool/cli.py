@@ -52,6 +52,9 @@ ImagesOpt = Annotated[list[Path] | None, typer.Option("--images", help="image fi
 PrecisionOpt = Annotated[
     str, typer.Option("--ncnn-precision", help="fp32 (parity) or fp16 (ncnn's fast defaults)")
 ]
+VisOpt = Annotated[
+    Path | None, typer.Option("--save-vis", help="detectors: draw each backend's boxes on the photos in DIR")
+]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="also write report.json here")]
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here")]
 MarkdownOpt = Annotated[
@@ -73,6 +76,7 @@ def run(
     ncnn_precision: PrecisionOpt = "fp32",
     fp16: Fp16Opt = False,
     threads: ThreadsOpt = 2,
+    save_vis: VisOpt = None,
     report: ReportOpt = None,
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
@@ -95,6 +99,7 @@ def run(
             ncnn_precision=ncnn_precision,
             fp16_weights=fp16,
             threads=threads,
+            save_vis=save_vis,
         )
         result = run_pipeline(spec, opts)
     except DeployError as exc:
@@ -128,6 +133,7 @@ def parity(
     weights: WeightsOpt = None,
     ncnn_precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 2,
+    save_vis: VisOpt = None,
     report: ReportOpt = None,
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
@@ -151,6 +157,7 @@ def parity(
             save_golden=save_golden,
             reference=reference,
             layerwise=layerwise,
+            save_vis=save_vis,
         )
         result = run_parity(target, opts)
     except DeployError as exc:

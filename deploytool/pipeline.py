@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .atomic import write_text
+from .atomic import atomic_path, write_text
 from .backends import (
     NCNN_BACKENDS,
     PRECISION_BACKENDS,
@@ -48,6 +48,7 @@ class RunOptions:
     opset: int = DEFAULT_OPSET
     weights: str | None = None
     ncnn_precision: str = "fp32"
+    save_vis: Path | None = None  # detectors: draw every backend's boxes on each photo here
     fp16_weights: bool = False
     threads: int = 2
 
@@ -178,10 +179,20 @@ def write_meta(spec: ModelSpec, param: Path, path: Path) -> dict | None:
 
 
 def inputs_for(spec: ModelSpec, opts: RunOptions) -> list:
-    """[(label, feed, geometry)]: the photos preprocessed per the spec, or one seeded random input."""
-    if opts.images:
-        return load_inputs(spec, collect_images(opts.images))
-    return [("random(seed=0)", random_input(spec), None)]
+    """[(label, feed, geometry)]: the photos preprocessed per the spec, at its input shape and then at
+    each of its dynamic shapes (labelled `photo.jpg@HxW`), or one seeded random input."""
+    if not opts.images:
+        return [("random(seed=0)", random_input(spec), None)]
+    images = collect_images(opts.images)
+    items = load_inputs(spec, images)
+    for shape in spec.dynamic_shapes:
+        items += [(f"{p}@{shape[2]}x{shape[3]}", f, g) for p, f, g in load_inputs(spec, images, shape)]
+    return items
+
+
+def image_of(label) -> Path:
+    """The photo an input label names (labels of dynamic sizes end in @HxW)."""
+    return Path(str(label).rsplit("@", 1)[0])
 
 
 def infer_all(
@@ -205,7 +216,7 @@ def infer_all(
             backend_info[name]["device"] = runner.device()
             outs = []
             for label, feed, geometry in items:
-                if name == "ncnn-cpp" and geometry is not None:
+                if name == "ncnn-cpp" and geometry is not None and "@" not in str(label):
                     result = _cpp_on_image(runner, Path(label), feed, backend_info[name])
                 else:
                     result = runner.infer(_ncnn_feed(feed, ncnn_inputs) if name in NCNN_BACKENDS else feed)
@@ -241,7 +252,9 @@ def summarize(
 ) -> dict:
     """Compare every backend with the reference and build report.json's dict."""
     with timer.stage("compare"):
-        comparisons, task, histograms = _compare(spec, items, results, opts.ncnn_precision, reference)
+        comparisons, task, histograms = _compare(
+            spec, items, results, opts.ncnn_precision, reference, opts.save_vis
+        )
     passed = all(c["passed"] for c in comparisons) and all(t.get("passed", True) for t in task.values())
     return {
         "schema": SCHEMA,
@@ -301,7 +314,7 @@ def _ncnn_feed(feed: dict, names: list[str]) -> dict:
 
 
 def _compare(
-    spec: ModelSpec, items, results: dict, precision: str, reference: str
+    spec: ModelSpec, items, results: dict, precision: str, reference: str, save_vis: Path | None = None
 ) -> tuple[list[dict], dict, dict]:
     """Tensor comparisons, task agreement and error histograms of every backend against the reference."""
     comparisons = []
@@ -322,6 +335,8 @@ def _compare(
             histograms.setdefault(backend, {})[name] = counts.tolist()
         if spec.task == "classify":
             task[backend] = _classify_agreement(spec, ref_outs, outs)
+        elif spec.task == "detect":
+            task[backend] = _detect_agreement(spec, items, ref_outs, outs, backend, reference, save_vis)
     return comparisons, task, histograms
 
 
@@ -332,3 +347,47 @@ def _classify_agreement(spec: ModelSpec, ref_outs: list[dict], outs: list[dict])
     top1 = sum(p["top1_match"] for p in per_input) / len(per_input)
     topk = sum(p[f"top{k}_overlap"] for p in per_input) / len(per_input)
     return {"top1_agreement": top1, f"top{k}_agreement": topk, "per_input": per_input, "passed": top1 == 1.0}
+
+
+def _detect_agreement(
+    spec: ModelSpec, items, ref_outs, outs, backend: str, reference: str, save_vis: Path | None
+) -> dict:
+    """Detection-level parity per photo (after the same decode + NMS on both sides); optionally the
+    boxes drawn on the photo for a person to look at."""
+    from .detect import DetectSettings, compare_raw, draw
+    from .inputs import read_image
+
+    settings = DetectSettings.from_task_args(spec.task_args, spec.source)
+    name = spec.output_names[0]
+    per_input = []
+    for (label, _, geometry), ref, got in zip(items, ref_outs, outs, strict=True):
+        parity, ref_dets, got_dets = compare_raw(ref[name], got[name], geometry, settings)
+        per_input.append(
+            {"input": str(label), "detections": len(got_dets.above(settings.conf)), **parity.to_dict()}
+        )
+        if save_vis is not None and geometry is not None:
+            img = read_image(image_of(label))
+            size = (
+                str(label).rsplit("@", 1)[1]
+                if "@" in str(label)
+                else "x".join(map(str, spec.input_shape[2:]))
+            )
+            for who, dets in ((reference, ref_dets), (backend, got_dets)):
+                path = Path(save_vis) / f"{image_of(label).stem}_{size}.{who}.jpg"
+                _write_jpeg(path, draw(img, dets, settings.names, settings.conf))
+    passed = sum(p["passed"] for p in per_input)
+    return {
+        "detection_agreement": passed / len(per_input),
+        "per_input": per_input,
+        "passed": passed == len(per_input),
+    }
+
+
+def _write_jpeg(path: Path, img: np.ndarray) -> None:
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", img)
+    if not ok:
+        raise SpecError(f"OpenCV could not encode {path}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())

@@ -56,6 +56,9 @@ def console_summary(report: dict, console: Console) -> None:
         keys = [k for k in t if k.endswith("_agreement")]
         text = ", ".join(f"{k} {t[k]:.2f}" for k in keys)
         console.print(f"  {backend}: {text} [{'green]pass' if t.get('passed', True) else 'red]FAIL'}[/]")
+        for item in t.get("per_input", []):
+            for line in item.get("failures", [])[:3]:
+                console.print(f"    [red]{item['input']}[/]: {line}", highlight=False)
     for name, info in report["backends"].items():
         if not info["available"]:
             console.print(f"  [yellow]skipped {name}[/]: {info['reason']}")
@@ -69,9 +72,16 @@ def console_summary(report: dict, console: Console) -> None:
     stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report["stages"].items())
     console.print(f"  stages: {stages}")
     verdict = "[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]"
+    failed_tasks = [b for b, t in report.get("task", {}).items() if not t.get("passed", True)]
+    failed_layers = [n for n, f in report.get("layerwise", {}).get("first_failure", {}).items() if f]
+    extra = "".join(
+        f"; {what} failed: {', '.join(names)}"
+        for what, names in (("task checks", failed_tasks), ("layer-wise", failed_layers))
+        if names
+    )
     console.print(
         f"{verdict}: {sum(c['passed'] for c in report['comparisons'])}/{len(report['comparisons'])} "
-        "tensor checks passed"
+        f"tensor checks passed{extra}"
     )
 
 
