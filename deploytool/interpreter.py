@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,8 +554,75 @@ def _named_dims(x: np.ndarray) -> dict[str, int]:
     return dims
 
 
+_EXPR_BINARY = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "//": lambda a, b: a // b,
+    "max": max,
+    "min": min,
+    "pow": lambda a, b: a**b,
+}
+_EXPR_UNARY = {
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "round": round,
+    "trunc": math.trunc,
+    "neg": lambda a: -a,
+    "abs": abs,
+}
+
+
+def eval_shape_expr(expr: str, inputs: list[np.ndarray], where: str) -> list[int]:
+    """Evaluate pnnx/ncnn's shape expression (e.g. `*(0h,0w),64`): comma-separated items in w,h,d,c
+    order, prefix operators `op(a,b)`, `<i><w|h|d|c>` for input i's size; results truncated to int."""
+    tokens = re.findall(r"//|[A-Za-z_]+|\d+[whdc]|-?\d+(?:\.\d+)?|[-+*/(),]", expr)
+    pos = 0
+
+    def item():
+        nonlocal pos
+        tok = tokens[pos]
+        pos += 1
+        ref = re.fullmatch(r"(\d)([whdc])", tok)
+        if ref:
+            blob = inputs[int(ref.group(1))]
+            return _named_dims(blob)[ref.group(2)]
+        if tok in _EXPR_BINARY or tok in _EXPR_UNARY:
+            if tokens[pos] != "(":
+                raise UnsupportedLayerError(f"{where}: malformed shape expression {expr!r}")
+            pos += 1
+            args = [item()]
+            while tokens[pos] == ",":
+                pos += 1
+                args.append(item())
+            pos += 1  # ")"
+            fn = _EXPR_BINARY.get(tok) if len(args) == 2 else _EXPR_UNARY.get(tok)
+            if fn is None:
+                raise UnsupportedLayerError(
+                    f"{where}: operator {tok!r} with {len(args)} argument(s) in {expr!r}"
+                )
+            return fn(*args)
+        try:
+            return float(tok) if "." in tok else int(tok)
+        except ValueError:
+            raise UnsupportedLayerError(
+                f"{where}: unsupported token {tok!r} in shape expression {expr!r}"
+            ) from None
+
+    values = [item()]
+    while pos < len(tokens) and tokens[pos] == ",":
+        pos += 1
+        values.append(item())
+    return [math.trunc(v) for v in values]
+
+
 def _reshape(layer: Layer, inputs, w):
     x = inputs[0]
+    expr = layer.get(6)
+    if isinstance(expr, str):  # a dynamic shape: the listed sizes are w, h(, d), c
+        whdc = eval_shape_expr(expr, inputs, f"layer {layer.name} (Reshape)")
+        return [x.reshape(whdc[::-1])]  # numpy order is c, d, h, w; numpy resolves a -1 itself
     if layer.get(3, 0):
         raise UnsupportedLayerError(
             f"layer {layer.name} (Reshape): the legacy permute flag is not implemented"

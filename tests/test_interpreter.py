@@ -375,3 +375,15 @@ def test_bin_of_the_wrong_length_is_refused(tmp_path, extra):
     assert interp.layer_of("out0").name == "fc"
     with pytest.raises(SpecError, match="no layer produces"):
         interp.layer_of("nope")
+
+
+def test_shape_expressions_follow_ncnn_syntax():
+    from deploytool.interpreter import eval_shape_expr
+
+    a = np.zeros((64, 20, 30))  # c, h, w
+    b = np.zeros((5, 7))  # h, w
+    assert eval_shape_expr("*(0h,0w),64", [a], "t") == [600, 64]
+    assert eval_shape_expr("-1,*(0h,2),+(1h,2)", [a, b], "t") == [-1, 40, 7]
+    assert eval_shape_expr("//(0w,4),floor(/(0c,3))", [a], "t") == [7, 21]
+    with pytest.raises(UnsupportedLayerError, match="sin"):
+        eval_shape_expr("sin(0w)", [a], "t")
