@@ -145,13 +145,16 @@ class Budget:
     """What a variant must keep, compared with torch over every input.
 
     top1, top5: minimum share of inputs whose top-1 class matches / share of the reference's top-5
-    found in the variant's top-5 (classify specs). rel: maximum of max|got - ref| / max|ref|, per output
-    and input (the worst error relative to the output's largest magnitude; unlike elementwise relative
-    error it does not explode on near-zero logits). abs: maximum of max|got - ref|.
+    found in the variant's top-5 (classify specs). det: minimum share of inputs whose detections
+    match the reference's (deploytool.detect.match_detections; detect specs). rel: maximum of
+    max|got - ref| / max|ref|, per output and input (the worst error relative to the output's largest
+    magnitude; unlike elementwise relative error it does not explode on near-zero logits).
+    abs: maximum of max|got - ref|.
     """
 
     top1: float | None = None
     top5: float | None = None
+    det: float | None = None
     rel: float | None = None
     abs: float | None = None
     text: str = ""
@@ -159,11 +162,11 @@ class Budget:
     def failures(self, parity: dict) -> list[str]:
         """Why `parity` (a result's parity dict) is outside this budget; empty when it fits."""
         out = []
-        for key, at_least in (("top1", True), ("top5", True), ("rel", False), ("abs", False)):
+        for key, at_least in (("top1", True), ("top5", True), ("det", True), ("rel", False), ("abs", False)):
             limit = getattr(self, key)
             if limit is None:
                 continue
-            value = parity.get("max_abs" if key == "abs" else key)
+            value = parity.get({"abs": "max_abs", "det": "detections"}.get(key, key))
             if value is None:
                 out.append(f"{key} not measured (task {parity.get('task', '?')})")
             elif isinstance(value, str) or not math.isfinite(value):
@@ -175,7 +178,7 @@ class Budget:
         return out
 
 
-BUDGET_KEYS = ("top1", "top5", "rel", "abs")
+BUDGET_KEYS = ("top1", "top5", "det", "rel", "abs")
 
 
 def parse_budget(text: str) -> Budget:
@@ -201,7 +204,7 @@ def parse_budget(text: str) -> Budget:
             raise SpecError(f"--budget: {key}={raw!r} is not a number ({example})") from None
         if not math.isfinite(value) or value < 0:
             raise SpecError(f"--budget: {key} must be a finite number >= 0, got {raw}")
-        if key in ("top1", "top5") and value > 1:
+        if key in ("top1", "top5", "det") and value > 1:
             raise SpecError(f"--budget: {key} is a share of inputs in [0, 1], got {raw}")
         values[key] = value
     return Budget(**values, text=",".join(f"{k}={values[k]:g}" for k in BUDGET_KEYS if k in values))
@@ -233,7 +236,7 @@ def select_variant(result: dict, budget: Budget, threads: int | None = None) -> 
     p = best["parity"]
     ratio = best.get("ratio_to_onnxruntime")
     vs_ort = f", {ratio:.2f}x onnxruntime" if ratio else ""
-    task = "".join(f", {k} {p[k]:.2f}" for k in ("top1", "top5") if p.get(k) is not None)
+    task = "".join(f", {k} {p[k]:.2f}" for k in ("top1", "top5", "detections") if p.get(k) is not None)
     reason = (
         f"{best['variant']} is the fastest variant within {budget.text} at {threads} threads: "
         f"median {best['latency_ms']['median']:.2f} ms{vs_ort}; rel {p['rel']:.2g}, "
@@ -849,15 +852,24 @@ def table_rows(result: dict) -> list[list[str]]:
                 _fmt(r["ratio_to_onnxruntime"], ".2f") + ("x" if r["ratio_to_onnxruntime"] else ""),
                 "ref" if ref else _fmt(p["max_abs"], ".2g"),
                 "ref" if ref else _fmt(p["rel"], ".2g"),
-                "ref" if ref else _fmt(p.get("top1"), ".2f"),
+                "ref" if ref else _task_cell(p),
                 f"{mem['peak_rss_mib']:.0f} ({mem['model_rss_mib']:+.0f})",
             ]
         )
     return rows
 
 
-HEADERS = ["backend/variant", "threads", "median ms", "p90 ms", "min ms", "x ORT", "max_abs", "rel", "top1",
-           "peak RSS MiB (model)"]  # fmt: skip
+HEADERS = ["backend/variant", "threads", "median ms", "p90 ms", "min ms", "x ORT", "max_abs", "rel",
+           "top1/det", "peak RSS MiB (model)"]  # fmt: skip
+
+
+def _task_cell(parity: dict) -> str:
+    """top-1 agreement (classify) or matched-detection share (detect), else '-'."""
+    if parity.get("top1") is not None:
+        return f"{parity['top1']:.2f}"
+    if parity.get("detections") is not None:
+        return f"det {parity['detections']:.2f}"
+    return "-"
 
 
 def render_bench(result: dict, console) -> None:
@@ -880,7 +892,8 @@ def summary_lines(result: dict) -> list[str]:
     opts = result["options"]
     lines.append(
         f"median of {opts['runs']} timed runs after {opts['warmup']} warm-up; x ORT = median / onnxruntime's "
-        "median at the same threads; rel = max|got-ref| / max|ref|; * = wide spread (busy machine)"
+        "median at the same threads; rel = max|got-ref| / max|ref|; top1/det = share of inputs whose top-1 "
+        "class / detections match torch; * = wide spread (busy machine)"
     )
     pre = result.get("preprocess")
     if pre:

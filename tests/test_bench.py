@@ -49,8 +49,8 @@ def test_parse_budget_good():
     b = parse_budget("top1=1.0, rel=1e-2")
     assert (b.top1, b.rel, b.top5, b.abs) == (1.0, 0.01, None, None)
     assert b.text == "top1=1,rel=0.01"
-    full = parse_budget("abs=0.5,top5=0.8,top1=0.9,rel=0")
-    assert (full.top1, full.top5, full.rel, full.abs) == (0.9, 0.8, 0.0, 0.5)
+    full = parse_budget("abs=0.5,top5=0.8,top1=0.9,rel=0,det=1")
+    assert (full.top1, full.top5, full.det, full.rel, full.abs) == (0.9, 0.8, 1.0, 0.0, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +62,7 @@ def test_parse_budget_good():
         ("speed=2", "unknown key"),
         ("rel=abc", "not a number"),
         ("top1=1.5", r"\[0, 1\]"),
+        ("det=2", r"\[0, 1\]"),
         ("rel=-1", ">= 0"),
         ("rel=nan", "finite"),
         ("rel=1e-2,rel=1e-3", "twice"),
@@ -80,6 +81,9 @@ def test_budget_failures():
     assert b.failures({"top1": None, "rel": 0.0, "max_abs": 0.0, "task": "raw"}) == [
         "top1 not measured (task raw)"
     ]
+    det = parse_budget("det=1.0")
+    assert det.failures({"detections": 0.75, "task": "detect"}) == ["det 0.75 < 1"]
+    assert det.failures({"detections": 1.0, "task": "detect"}) == []
 
 
 # ---------------------------------------------------------------- selection
