@@ -20,19 +20,18 @@ import numpy as np
 
 from .atomic import write_text
 from .backends import NCNN_BACKENDS, REFERENCE, Artifacts, create_runner
-from .backends.ncnn_runner import NcnnRunner, NcnnVulkanRunner, quiet_stderr, vulkan_device_name
+from .backends.ncnn_runner import NcnnRunner, vulkan_device_name
 from .compare import compare_tensors, topk_agreement
 from .convert import convert
 from .errors import BackendError, ParityError, SpecError
-from .export import DEFAULT_OPSET, export_onnx, export_torchscript
 from .ncnn_param import read_param
 from .pipeline import (
+    RunOptions,
     StageTimer,
-    _by_spec_name,
-    _example_tensor,
-    _ncnn_feed,
-    _try_forward,
+    build_artifacts,
+    by_spec_name,
     inputs_for,
+    ncnn_feed,
     select_backends,
     versions,
 )
@@ -71,7 +70,6 @@ class Variant:
     fp16_weights: bool = False
     precision: str = "fp32"  # the runner's precision (set_precision in backends/ncnn_runner.py)
     tolerance: tuple[str, ...] = ("fp32",)  # spec tolerance precisions to try, first present wins
-    opt: dict = field(default_factory=dict)  # Option fields set on top of `precision` (bench-only modes)
 
 
 VARIANTS = (
@@ -94,8 +92,8 @@ VARIANTS = (
         "bf16",
         "ncnn-cpu",
         "bf16 storage and packing on, fp16 off",
+        precision="bf16",
         tolerance=("bf16", "fp16"),
-        opt={"use_bf16_storage": True, "use_bf16_packed": True},
     ),
     Variant(
         "vulkan",
@@ -352,7 +350,7 @@ def count_macs(graph, shapes: dict[str, tuple[int, ...]]) -> dict:
 def _blob_shapes(param: Path, bin_: Path, feed: dict) -> dict[str, tuple[int, ...]]:
     runner = NcnnRunner(param, bin_, precision="fp32", threads=1)
     with runner:
-        blobs = runner.extract_all(_ncnn_feed(feed, runner.input_names))
+        blobs = runner.extract_all(ncnn_feed(feed, runner.input_names))
     return {k: tuple(v.shape) for k, v in blobs.items()}
 
 
@@ -363,36 +361,6 @@ def _file_entry(path: Path | None) -> dict | None:
 
 
 # ---------------------------------------------------------------- runners in a fresh process
-
-
-class _BenchNcnnMixin:
-    """Sets ncnn Option fields that set_precision has no mode for (bf16) before loading."""
-
-    opt_fields: dict = {}
-
-    def _load(self) -> None:
-        import ncnn
-
-        from .backends.ncnn_runner import set_precision
-
-        net = ncnn.Net()
-        net.opt.num_threads = self.threads
-        net.opt.use_vulkan_compute = self.use_vulkan
-        set_precision(net.opt, self.precision, self.use_vulkan)
-        for key, value in self.opt_fields.items():
-            setattr(net.opt, key, value)
-        with quiet_stderr():
-            if net.load_param(str(self.param)) != 0 or net.load_model(str(self.bin)) != 0:
-                raise BackendError(f"ncnn could not load {self.param} / {self.bin}")
-        self.net = net
-
-
-class _BenchNcnnRunner(_BenchNcnnMixin, NcnnRunner):
-    pass
-
-
-class _BenchNcnnVulkanRunner(_BenchNcnnMixin, NcnnVulkanRunner):
-    pass
 
 
 @dataclass
@@ -436,16 +404,10 @@ def _import_backend_library(backend: str) -> None:
 def _make_runner(job: _Job):
     spec, v = job.spec, job.variant
     names = ([spec.input_name], spec.output_names)
-    if v is None or not v.opt:  # exactly what `run` creates
-        art = job.art
-        if job.backend == "torch":
-            art = Artifacts(model=build_model(spec, job.weights))
-        return create_runner(job.backend, art, *names, v.precision if v else "fp32", job.threads)
-    cls = _BenchNcnnVulkanRunner if v.backend == "ncnn-vulkan" else _BenchNcnnRunner
-    runner = cls(job.art.ncnn_param, job.art.ncnn_bin, precision=v.precision, threads=job.threads)
-    runner.opt_fields = dict(v.opt)
-    runner.name = v.backend
-    return runner
+    art = job.art
+    if job.backend == "torch":
+        art = Artifacts(model=build_model(spec, job.weights))
+    return create_runner(job.backend, art, *names, v.precision if v else "fp32", job.threads)  # as `run` does
 
 
 def _worker(job_path: str, result_path: str) -> None:
@@ -459,8 +421,8 @@ def _worker(job_path: str, result_path: str) -> None:
     feeds = job.feeds
     with runner:
         if job.backend in NCNN_BACKENDS:
-            feeds = [_ncnn_feed(f, runner.input_names) for f in feeds]
-        outputs = [_by_spec_name(runner.infer(f), job.spec.output_names) for f in feeds]
+            feeds = [ncnn_feed(f, runner.input_names) for f in feeds]
+        outputs = [by_spec_name(runner.infer(f), job.spec.output_names) for f in feeds]
         for _ in range(job.warmup):
             runner.infer(feeds[0])
         gc.collect()
@@ -659,28 +621,23 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> dict:
     timer = StageTimer()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = inputs_for(spec, opts)
+    items = inputs_for(spec, opts, dynamic=False)  # timed at the spec's input shape only
     feeds = [feed for _, feed, _ in items]
     geoms = [geo for _, _, geo in items]
 
-    with timer.stage("load"):
-        model = build_model(spec, opts.weights)
-    example = _example_tensor(feeds[0][spec.input_name])
-    _try_forward(model, example, spec)
-    art = Artifacts(model=None)
-    with timer.stage("export"):
-        art.torchscript = export_torchscript(model, example, out / "model.pt")
-        art.onnx = export_onnx(
-            model, example, out / "model.onnx", [spec.input_name], spec.output_names,
-            opset=DEFAULT_OPSET, dynamic=bool(spec.dynamic_shapes),
-        )  # fmt: skip
     variants = [v for v in VARIANTS if v.backend in backends]
+    art = build_artifacts(
+        spec,
+        RunOptions(out=out, weights=opts.weights),
+        feeds[0][spec.input_name],
+        out,
+        timer,
+        convert_ncnn=bool(variants),
+    )
+    model, art.model = art.model, None  # workers rebuild it: the job file stays small
     fp16_art = None
     if variants:
         dyn = spec.dynamic_shapes[0] if spec.dynamic_shapes else None
-        with timer.stage("convert"):
-            c = convert(art.torchscript, out, "pnnx", spec.input_shape, dyn, moduleop=spec.pnnx_moduleop)
-        art.ncnn_param, art.ncnn_bin, art.converter, art.converter_log = c.param, c.bin, "pnnx", c.log
         if any(v.fp16_weights for v in variants):
             with timer.stage("convert:fp16-weights"):
                 c16 = convert(
@@ -795,7 +752,6 @@ def _variant_info(v: Variant) -> dict:
         "description": v.description,
         "fp16_weights": v.fp16_weights,
         "precision": v.precision,
-        "opt": dict(v.opt),
     }
 
 

@@ -85,7 +85,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _by_spec_name(result: dict, spec_names: list[str]) -> dict:
+def by_spec_name(result: dict, spec_names: list[str]) -> dict:
     """Name a backend's outputs as the spec does: by name when they agree, else by position
     (pnnx's out0, out1, … in numeric order)."""
     if set(result) == set(spec_names):
@@ -131,38 +131,14 @@ def run(spec: ModelSpec, opts: RunOptions) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    with timer.stage("load"):
-        model = build_model(spec, opts.weights)
-    example = _example_tensor(items[0][1][spec.input_name])
-    _try_forward(model, example, spec)
-    art = Artifacts(model=model)
-    with timer.stage("export"):
-        art.torchscript = export_torchscript(model, example, out / "model.pt")
-        art.onnx = export_onnx(
-            model,
-            example,
-            out / "model.onnx",
-            [spec.input_name],
-            spec.output_names,
-            opset=opts.opset,
-            dynamic=bool(spec.dynamic_shapes),
-        )
-    if any(b in NCNN_BACKENDS for b in backends):
-        source = art.torchscript if opts.converter == "pnnx" else art.onnx
-        with timer.stage("convert"):
-            converted = convert(
-                source,
-                out,
-                opts.converter,
-                spec.input_shape,
-                spec.dynamic_shapes[0] if spec.dynamic_shapes else None,
-                fp16_weights=opts.fp16_weights,
-                moduleop=spec.pnnx_moduleop,
-                onnx2ncnn=opts.onnx2ncnn,
-            )
-        art.ncnn_param, art.ncnn_bin = converted.param, converted.bin
-        art.converter, art.converter_log = opts.converter, converted.log
-        art.meta = write_meta(spec, art.ncnn_param, out / "meta.json")
+    art = build_artifacts(
+        spec,
+        opts,
+        items[0][1][spec.input_name],
+        out,
+        timer,
+        convert_ncnn=any(b in NCNN_BACKENDS for b in backends),
+    )
     results = infer_all(spec, art, opts, backends, backend_info, items, timer)
     return summarize(spec, art, opts, backend_info, items, results, timer)
 
@@ -178,14 +154,54 @@ def write_meta(spec: ModelSpec, param: Path, path: Path) -> dict | None:
     return meta
 
 
-def inputs_for(spec: ModelSpec, opts: RunOptions) -> list:
-    """[(label, feed, geometry)]: the photos preprocessed per the spec, at its input shape and then at
-    each of its dynamic shapes (labelled `photo.jpg@HxW`), or one seeded random input."""
+def build_artifacts(
+    spec: ModelSpec, opts: RunOptions, x: np.ndarray, out: Path, timer: StageTimer, convert_ncnn: bool = True
+) -> Artifacts:
+    """Build the model, check it runs on `x`, export TorchScript and ONNX, convert to ncnn (with the
+    spec's first dynamic shape as pnnx's second shape) and write meta.json, timing each stage."""
+    with timer.stage("load"):
+        model = build_model(spec, opts.weights)
+    example = _example_tensor(x)
+    _try_forward(model, example, spec)
+    art = Artifacts(model=model)
+    with timer.stage("export"):
+        art.torchscript = export_torchscript(model, example, out / "model.pt")
+        art.onnx = export_onnx(
+            model,
+            example,
+            out / "model.onnx",
+            [spec.input_name],
+            spec.output_names,
+            opset=opts.opset,
+            dynamic=bool(spec.dynamic_shapes),
+        )
+    if convert_ncnn:
+        source = art.torchscript if opts.converter == "pnnx" else art.onnx
+        with timer.stage("convert"):
+            converted = convert(
+                source,
+                out,
+                opts.converter,
+                spec.input_shape,
+                spec.dynamic_shapes[0] if spec.dynamic_shapes else None,
+                fp16_weights=opts.fp16_weights,
+                moduleop=spec.pnnx_moduleop,
+                onnx2ncnn=opts.onnx2ncnn,
+            )
+        art.ncnn_param, art.ncnn_bin = converted.param, converted.bin
+        art.converter, art.converter_log = opts.converter, converted.log
+        art.meta = write_meta(spec, art.ncnn_param, out / "meta.json")
+    return art
+
+
+def inputs_for(spec: ModelSpec, opts: RunOptions, dynamic: bool = True) -> list:
+    """[(label, feed, geometry)]: the photos preprocessed per the spec, at its input shape and then
+    (with `dynamic`) at each of its dynamic shapes, labelled `photo.jpg@HxW`; or one seeded random input."""
     if not opts.images:
         return [("random(seed=0)", random_input(spec), None)]
     images = collect_images(opts.images)
     items = load_inputs(spec, images)
-    for shape in spec.dynamic_shapes:
+    for shape in spec.dynamic_shapes if dynamic else []:
         items += [(f"{p}@{shape[2]}x{shape[3]}", f, g) for p, f, g in load_inputs(spec, images, shape)]
     return items
 
@@ -219,9 +235,9 @@ def infer_all(
                 if name == "ncnn-cpp" and geometry is not None and "@" not in str(label):
                     result = _cpp_on_image(runner, Path(label), feed, backend_info[name])
                 else:
-                    result = runner.infer(_ncnn_feed(feed, ncnn_inputs) if name in NCNN_BACKENDS else feed)
+                    result = runner.infer(ncnn_feed(feed, ncnn_inputs) if name in NCNN_BACKENDS else feed)
                 latencies.append(runner.last_latency_s)
-                outs.append(_by_spec_name(result, spec.output_names))
+                outs.append(by_spec_name(result, spec.output_names))
         results[name] = outs
         backend_info[name]["latency_ms_median"] = round(statistics.median(latencies) * 1e3, 3)
         if name in PRECISION_BACKENDS:
@@ -306,7 +322,7 @@ def _example_tensor(x: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _ncnn_feed(feed: dict, names: list[str]) -> dict:
+def ncnn_feed(feed: dict, names: list[str]) -> dict:
     """Rename the spec's input to the blob name in the .param (pnnx writes in0, onnx2ncnn the ONNX name)."""
     if len(names) != len(feed):
         raise SpecError(f"the .param has inputs {names} but the model takes {list(feed)}")

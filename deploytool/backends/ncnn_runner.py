@@ -12,7 +12,7 @@ from ..errors import SpecError
 from ..ncnn_param import read_param
 from .base import Runner
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @contextmanager
@@ -51,15 +51,15 @@ def vulkan_device_name() -> str | None:
 
 def set_precision(opt, precision: str, vulkan: bool) -> None:
     """fp32: no reduced-precision storage or arithmetic (on Vulkan fp16 storage stays, as deployed);
-    fp16: ncnn's fast defaults."""
+    fp16: ncnn's fast defaults; bf16: bf16 storage and packing (CPUs with bf16 support), fp16 off."""
     if precision not in PRECISIONS:
         raise SpecError(f"unknown ncnn precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    if precision in ("fp32", "bf16"):
         opt.use_fp16_packed = vulkan
         opt.use_fp16_storage = vulkan
         opt.use_fp16_arithmetic = False
-        opt.use_bf16_storage = False
-        opt.use_bf16_packed = False
+        opt.use_bf16_storage = precision == "bf16"
+        opt.use_bf16_packed = precision == "bf16"
 
 
 class NcnnRunner(Runner):

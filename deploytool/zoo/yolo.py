@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from .init import randomise_batchnorm
-
 # (depth multiple, width multiple, max channels) per scale, as in the YOLOv8 family.
 SCALES = {"n": (0.33, 0.25, 1024), "s": (0.33, 0.50, 1024)}
 STRIDES = (8, 16, 32)
@@ -197,25 +195,34 @@ class YOLOv8(nn.Module):
         return self.head([n3, n4, n5])
 
 
-def _seeded_init(model: YOLOv8, seed: int, cls_std: tuple[float, float, float]) -> YOLOv8:
-    """Seeded weights that give an untrained model some, but not thousands of, boxes on photos.
+def _seeded_init(model: YOLOv8, seed: int, cls_std: float) -> YOLOv8:
+    """Seeded weights conditioned like a trained network's: moderate activations on photographs, a
+    few detections per image, and outputs that fp16 storage (ncnn on Vulkan) reproduces.
 
-    - Convolutions: He-normal; BatchNorm: random affine parameters (randomise_batchnorm), running
-      statistics then measured on two seeded 1/f-noise images (_calibration_images), so activations
-      stay O(1) on photographs instead of growing with depth.
-    - Head, YOLO's priors: box-distribution bias 1.0, class bias log(5 / nc / (640 / stride)^2)
-      (about five objects per 640x640 image).
-    - The last box and class convolutions are rescaled so their outputs have a set standard deviation
-      on the calibration images: BOX_LOGIT_STD (soft DFL distributions: box coordinates then depend
-      smoothly on the logits, which keeps converter round-off at ~1e-4 px instead of ~5e-2 px) and
-      `cls_std` per level (P3, P4, P5).
+    - Convolutions: He-normal. BatchNorm: running statistics measured on seeded synthetic photographs
+      (_calibration_images), so each BN normalises its input to zero mean and unit variance on
+      photo-like data; affine parameters gamma ~ U(0.3, 0.6), beta ~ U(1, 2).
+    - Why that affine range: an untrained BN + SiLU network with gamma ~ 1, beta ~ 0 is chaotic. SiLU is
+      curved around 0, so a perturbation's share of the signal grows by ~10 % per layer (mean-field
+      variance gain E[silu'(y)^2] Var(y) / Var(silu(y)) = 1.21 for y ~ N(0, 1)), and it turns a photo's
+      extra contrast into channel offsets that the fixed BN statistics do not remove, which compound
+      through the neck: fp16 rounding (2^-11) reached 4 % of the head's activations, and astronaut and
+      coffee gave head activations 20-50x those of chelsea and rocket. With y ~ N(1..2, 0.3..0.6) SiLU
+      is close to linear where the data lie (gain 1.00-1.02) yet still not linear; relative fp16
+      error stays ~1e-3 and every photo's activations stay within ~1.5x of the calibration scale.
+    - Box branch: the last convolution is scaled so DFL logits have standard deviation BOX_LOGIT_STD
+      on the calibration images, and the bias falls by DFL_BIAS_SLOPE per bin: distributions peaked
+      at a few cells (box sides of ~2 cells on average, like a trained model's), whose expectation is
+      well conditioned.
+    - Class branch: the last convolution is scaled to a logit standard deviation `cls_std`; the bias
+      puts a flat letterbox-grey image exactly at YOLO's prior log(5 / nc / cells) (about five objects
+      per 640x640 image), so logits sit mostly far below the 0.25 threshold and only a tail of
+      textured cells crosses it, unsaturated (scores ~0.3-0.7, not 1.0: no ties for NMS to break
+      differently on another backend).
 
-    Tuning, measured on images/ (astronaut, chelsea, coffee, rocket) at 640x640, 320x320 and 384x640
-    (HxW), confidence 0.25: an untrained random network's response scales with image contrast, and
-    astronaut/coffee give 3-10x larger class logits than chelsea/rocket, so no single setting gives
-    "a few" boxes on all four. The chosen values keep P3/P4 nearly silent (0.04) and let P5 produce
-    the boxes: yolov8n (0.54): 1 to 75 boxes per image and size, every photo has some; yolov8s (0.78):
-    16 to 65 on astronaut/coffee, none on chelsea/rocket. tests/test_yolo.py checks yolov8n's range.
+    Measured on images/ (astronaut, chelsea, coffee, rocket) at 320x320, 640x640 and 384x640
+    (HxW), confidence 0.25: yolov8n gives 3 to 21 detections per image and size; see
+    tests/test_yolo.py and models/yolov8n.toml for the parity figures.
     """
     generator = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -225,49 +232,91 @@ def _seeded_init(model: YOLOv8, seed: int, cls_std: tuple[float, float, float]) 
                 m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=generator)
                 if m.bias is not None:
                     m.bias.zero_()
-    randomise_batchnorm(model, generator)
+        elif isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(*BN_GAMMA, generator=generator)
+                m.bias.uniform_(*BN_BETA, generator=generator)
     x = _calibration_images(generator)
     _calibrate_batchnorm(model, x)
     head = model.head
     finals = [seq[-1] for seq in head.box] + [seq[-1] for seq in head.cls]
     spread = _output_std(model, finals, x)
-    targets = [BOX_LOGIT_STD] * len(head.box) + list(cls_std)
+    targets = [BOX_LOGIT_STD] * len(head.box) + [cls_std] * len(head.cls)
     for conv, std, target in zip(finals, spread, targets, strict=True):
         with torch.no_grad():
             conv.weight.mul_(target / std)
-    for box, cls, stride in zip(head.box, head.cls, head.strides, strict=True):
+    bins = torch.arange(REG_MAX, dtype=torch.float32).repeat(4)
+    for box in head.box:
         with torch.no_grad():
-            box[-1].bias.fill_(1.0)
-            cls[-1].bias.fill_(math.log(5 / head.nc / (640 / stride) ** 2))
+            box[-1].bias.copy_(-DFL_BIAS_SLOPE * bins)
+    # Class bias: a flat grey image (the letterbox padding) scores the prior everywhere.
+    flat = torch.full((1, 3, 320, 320), LETTERBOX_GREY)
+    finals = [seq[-1] for seq in head.cls]
+    outs: list[torch.Tensor] = []
+    hooks = [conv.register_forward_hook(lambda _m, _i, o: outs.append(o)) for conv in finals]
+    try:
+        with torch.no_grad():
+            model.eval()(flat)
+    finally:
+        for h in hooks:
+            h.remove()
+    for conv, out, stride in zip(finals, outs, head.strides, strict=True):
+        prior = math.log(5 / head.nc / (640 / stride) ** 2)
+        centre = out[0, :, out.shape[2] // 2, out.shape[3] // 2]  # away from the zero-padded border
+        with torch.no_grad():
+            conv.bias.add_(prior - centre)
     return model.eval()
 
 
-BOX_LOGIT_STD = 0.2
+BN_GAMMA = (0.3, 0.6)
+BN_BETA = (1.0, 2.0)
+BOX_LOGIT_STD = 1.5
+DFL_BIAS_SLOPE = 0.5
+LETTERBOX_GREY = 114 / 255
 
 
-def _calibration_images(generator: torch.Generator, n: int = 2, size: int = 320) -> torch.Tensor:
-    """Seeded photo-like inputs in [0, 1]: noise with equal energy per octave (natural images' 1/f
-    spectrum), so BatchNorm statistics measured on them fit real photographs."""
-    x = torch.zeros(n, 3, size, size)
-    cells = 2
+def _calibration_images(generator: torch.Generator, n: int = 4, size: int = 320) -> torch.Tensor:
+    """Seeded photo-like inputs in [0, 1]: a 'dead leaves' picture (overlapping opaque discs whose
+    radii follow the r^-3 law that gives natural images their scale invariance: flat regions, sharp
+    edges, a 1/f spectrum) with a faint 1/f texture, so BatchNorm statistics measured on them fit
+    real photographs."""
+    coords = torch.arange(size, dtype=torch.float32)
+    yy, xx = coords.view(-1, 1), coords.view(1, -1)
+    shapes, r_min, r_max = 400, 2.0, size / 2
+    images = []
+    for _ in range(n):
+        img = torch.rand(3, 1, 1, generator=generator).expand(3, size, size).clone()
+        u = torch.rand(shapes, generator=generator)
+        radius = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5  # density ~ r^-3
+        radius = radius.sort(descending=True).values  # large discs first, small ones on top
+        centre = torch.rand(shapes, 2, generator=generator) * size
+        grey = torch.rand(shapes, 1, generator=generator)
+        colour = (grey + 0.6 * (torch.rand(shapes, 3, generator=generator) - 0.5)).clamp(0, 1)
+        for r, (cx, cy), c in zip(radius, centre, colour, strict=True):
+            img[:, (xx - cx) ** 2 + (yy - cy) ** 2 < r**2] = c.view(3, 1)
+        images.append(img)
+    x = torch.stack(images)
+    texture = torch.zeros_like(x)
+    cells = 4
     while cells <= size:
         octave = torch.rand(n, 3, cells, cells, generator=generator) - 0.5
-        x += nn.functional.interpolate(octave, size=(size, size), mode="bilinear", align_corners=False)
+        texture += nn.functional.interpolate(octave, size=(size, size), mode="bilinear", align_corners=False)
         cells *= 2
-    x = (x - x.mean()) / x.std()
-    return (0.45 + 0.25 * x).clamp(0, 1)
+    x = x + 0.05 * texture / texture.std()
+    x = nn.functional.avg_pool2d(nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)  # soft edges
+    return x.clamp(0, 1)
 
 
 def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
-    """Replace BatchNorm running statistics by those measured on `x` (affine parameters stay random)."""
+    """Replace BatchNorm running statistics by those of `x`, one batch, each layer seeing its inputs
+    as normalised by the layers before it (affine parameters are kept)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration passes
+        bn.momentum = None  # cumulative average: after one pass, exactly this batch's statistics
     model.train()
     with torch.no_grad():
-        for xi in x:
-            model(xi[None])
+        model(x)
     for bn in bns:
         bn.momentum = 0.1
     model.eval()
@@ -275,26 +324,25 @@ def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
 
 def _output_std(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[float]:
     """Standard deviation of each layer's output over the calibration inputs (eval mode)."""
-    outs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    outs: dict[int, torch.Tensor] = {}
     hooks = [
-        layer.register_forward_hook(lambda _m, _i, o, i=i: outs[i].append(o.flatten()))
+        layer.register_forward_hook(lambda _m, _i, o, i=i: outs.__setitem__(i, o))
         for i, layer in enumerate(layers)
     ]
     try:
         with torch.no_grad():
-            for xi in x:
-                model(xi[None])
+            model.eval()(x)
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(outs[i]).std().item() for i in range(len(layers))]
+    return [outs[i].std().item() for i in range(len(layers))]
 
 
 def yolov8n(num_classes: int = 80, seed: int = 0) -> YOLOv8:
     """YOLOv8-n sized detector (depth 0.33, width 0.25); seeded weights without a checkpoint."""
-    return _seeded_init(YOLOv8("n", num_classes), seed, cls_std=(0.04, 0.04, 0.54))
+    return _seeded_init(YOLOv8("n", num_classes), seed, cls_std=4.3)
 
 
 def yolov8s(num_classes: int = 80, seed: int = 0) -> YOLOv8:
     """YOLOv8-s sized detector (depth 0.33, width 0.50); seeded weights without a checkpoint."""
-    return _seeded_init(YOLOv8("s", num_classes), seed, cls_std=(0.04, 0.04, 0.78))
+    return _seeded_init(YOLOv8("s", num_classes), seed, cls_std=4.3)
