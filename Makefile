@@ -3,7 +3,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.deploytool-setup
 
-.PHONY: setup ncnn demo test lint format clean
+.PHONY: setup ncnn demo test bench lint format clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup ncnn
 	$(BIN)/pytest
+
+# Latency per backend and ncnn precision variant; regenerates docs/performance.md (~7 min).
+bench: setup
+	$(BIN)/python scripts/bench.py
 
 lint: setup
 	$(BIN)/ruff check deploytool tests

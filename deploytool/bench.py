@@ -69,7 +69,6 @@ class Variant:
     description: str
     fp16_weights: bool = False
     precision: str = "fp32"  # the runner's precision (set_precision in backends/ncnn_runner.py)
-    tolerance: tuple[str, ...] = ("fp32",)  # spec tolerance precisions to try, first present wins
 
 
 VARIANTS = (
@@ -79,21 +78,18 @@ VARIANTS = (
         "ncnn-cpu",
         "weights stored as fp16 in the .bin (pnnx fp16=1), expanded to fp32 at load; fp32 compute",
         fp16_weights=True,
-        tolerance=("fp16",),
     ),
     Variant(
         "fp16",
         "ncnn-cpu",
         "ncnn's defaults: fp16 storage, packing and arithmetic in the layers that have them on this CPU",
         precision="fp16",
-        tolerance=("fp16",),
     ),
     Variant(
         "bf16",
         "ncnn-cpu",
         "bf16 storage and packing on, fp16 off",
         precision="bf16",
-        tolerance=("bf16", "fp16"),
     ),
     Variant(
         "vulkan",
@@ -243,6 +239,17 @@ def select_variant(result: dict, budget: Budget, threads: int | None = None) -> 
     if faster:
         reason += "; faster but outside the budget: " + ", ".join(faster)
     return best["variant"], reason
+
+
+def variant_run_options(name: str, backends: str | None) -> dict:
+    """RunOptions fields that make `run` write and check the files of variant `name`."""
+    variant = next((v for v in VARIANTS if v.name == name), None)
+    if variant is None:
+        raise SpecError(f"unknown variant {name!r}; variants: {', '.join(VARIANT_NAMES)}")
+    fields = {"ncnn_precision": variant.precision, "fp16_weights": variant.fp16_weights}
+    if variant.backend == "ncnn-vulkan" and backends is None:
+        fields["backends"] = "torch,onnxruntime,ncnn-vulkan"
+    return fields
 
 
 def _faster(r: dict, best: dict) -> bool:
@@ -494,13 +501,11 @@ def _measure(job: _Job, log: Path, retries: int) -> tuple[dict, dict, list[dict]
 
 
 def _tolerance(spec: ModelSpec, variant: Variant | None, backend: str, output: str):
-    if variant is None:
-        return spec.tolerance(backend, "fp32", output), "fp32"
-    for precision in variant.tolerance:
-        key = f"{backend}-{precision}"
-        if precision == "fp32" or key in spec.tolerances or f"{key}/{output}" in spec.tolerances:
-            return spec.tolerance(backend, precision, output), precision
-    return spec.tolerance(backend, "fp32", output), "fp32"
+    """The spec's tolerance for a variant, resolved as `run` does (fp16 weights count as fp16)."""
+    precision = variant.precision if variant else "fp32"
+    if variant and variant.fp16_weights and precision == "fp32":
+        precision = "fp16"
+    return spec.tolerance(backend, precision, output), precision
 
 
 def task_agreement(spec: ModelSpec, ref_outs: list[dict], outs: list[dict], geometries=None) -> dict:

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import DeployError
+from .errors import DeployError, SpecError
+from .spec import load_spec
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +56,10 @@ PrecisionOpt = Annotated[
 VisOpt = Annotated[
     Path | None, typer.Option("--save-vis", help="detectors: draw each backend's boxes on the photos in DIR")
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option("--budget", help='accuracy budget, e.g. "top1=1.0,rel=1e-2" (det=1.0 for detectors)'),
+]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="also write report.json here")]
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here")]
 MarkdownOpt = Annotated[
@@ -75,6 +80,13 @@ def run(
     weights: WeightsOpt = None,
     ncnn_precision: PrecisionOpt = "fp32",
     fp16: Fp16Opt = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision", help="auto: bench every ncnn variant and convert/run the fastest within --budget"
+        ),
+    ] = None,
+    budget: BudgetOpt = None,
     threads: ThreadsOpt = 2,
     save_vis: VisOpt = None,
     report: ReportOpt = None,
@@ -84,7 +96,6 @@ def run(
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
     from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
-    from .spec import load_spec
 
     try:
         spec = load_spec(model, input_shape)
@@ -101,10 +112,43 @@ def run(
             threads=threads,
             save_vis=save_vis,
         )
+        if precision is not None:
+            opts = _auto_precision(spec, opts, precision, budget)
         result = run_pipeline(spec, opts)
     except DeployError as exc:
         _fail(exc)
     _render(result, opts.out, report, junit, markdown)
+
+
+def _auto_precision(spec, opts, precision: str, budget: str | None):
+    """--precision auto: bench the ncnn variants at --threads, pick the fastest within --budget, and
+    set the run's options to write and check that variant's files."""
+    from dataclasses import replace
+
+    from .bench import BenchOptions, bench_model, parse_budget, select_variant, variant_run_options
+
+    if precision != "auto":
+        raise SpecError(
+            f"--precision takes only 'auto' (got {precision!r}); use --ncnn-precision for a fixed mode"
+        )
+    if budget is None:
+        raise SpecError('--precision auto needs --budget, e.g. --budget "top1=1.0,rel=1e-2"')
+    parsed = parse_budget(budget)
+    result = bench_model(
+        spec,
+        BenchOptions(
+            out=opts.out / "bench",
+            threads=[opts.threads],
+            images=opts.images,
+            weights=opts.weights,
+            budget=budget,
+            runs=10,
+            warmup=2,
+        ),
+    )
+    name, reason = select_variant(result, parsed, opts.threads)
+    console.print(f"precision auto: {reason}")
+    return replace(opts, **variant_run_options(name, opts.backends))
 
 
 @app.command()
@@ -205,6 +249,61 @@ def _render(
 
 
 @app.command()
+def bench(
+    model: ModelArg,
+    out: Annotated[Path | None, typer.Option("--out", help="folder [default: out/MODEL/bench]")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="timed runs per backend")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first")] = 3,
+    threads: Annotated[str, typer.Option("--threads", help="thread counts, e.g. 1,2")] = "2",
+    backends: Annotated[
+        str | None,
+        typer.Option("--backends", help="default torch,torchscript,onnxruntime,ncnn-cpu,ncnn-vulkan"),
+    ] = None,
+    images: ImagesOpt = None,
+    input_shape: ShapeOpt = None,
+    weights: WeightsOpt = None,
+    budget: BudgetOpt = None,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="re-measure noisy rows up to N times")] = 0,
+) -> None:
+    """Latency (median, p90, min) per backend and per ncnn precision variant, with parity for each, and
+    the fastest variant within the accuracy budget."""
+    from .bench import BenchOptions, bench_model, render_bench
+
+    try:
+        spec = load_spec(model, input_shape)
+        counts = _thread_counts(threads)
+        opts = BenchOptions(
+            out=Path(out or Path("out") / spec.name / "bench"),
+            runs=runs,
+            warmup=warmup,
+            threads=counts,
+            backends=backends,
+            images=_images_or_default(images, spec.task),
+            weights=weights,
+            budget=budget,
+            retries=retries,
+        )
+        result = bench_model(spec, opts)
+    except DeployError as exc:
+        _fail(exc)
+    render_bench(result, console)
+    console.print(f"  wrote {opts.out / 'bench.json'}")
+    chosen = result.get("selection", {}).get("by_threads", {}).get(str(max(counts)))
+    if budget is not None and chosen is not None and not chosen["fits"]:
+        raise typer.Exit(1)
+
+
+def _thread_counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise SpecError(f"malformed --threads {text!r}: expected positive integers like 1,2")
+    return counts
+
+
+@app.command()
 def bundle(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="the bundle folder to write")],
@@ -222,7 +321,6 @@ def bundle(
     from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
     from .report import console_summary, write_json
-    from .spec import load_spec
 
     try:
         spec = load_spec(model, input_shape)
@@ -242,7 +340,7 @@ def bundle(
             err_console.print(f"[red]error:[/] parity failed; no bundle written (details: {report})")
             raise typer.Exit(1)
         if result["artifacts"].get("ncnn_param") is None or not (opts.out / "meta.json").is_file():
-            raise _spec_error(f"{spec.name}: bundles need a classify or detect spec with image input")
+            raise SpecError(f"{spec.name}: bundles need a classify or detect spec with image input")
         meta = json.loads((opts.out / "meta.json").read_text())
         path = write_bundle(out, opts.out / "model.ncnn.param", opts.out / "model.ncnn.bin", meta, report)
     except DeployError as exc:
@@ -263,15 +361,13 @@ def export(
     import torch
 
     from .export import export_onnx, export_torchscript
-    from .spec import build_model, load_spec
+    from .spec import build_model
 
     try:
         wanted = [f.strip() for f in formats.split(",") if f.strip()]
         bad = [f for f in wanted if f not in ("torchscript", "onnx")]
         if bad or not wanted:
-            raise _spec_error(
-                f"unknown format(s) {', '.join(bad) or '(none)'}; use --formats torchscript,onnx"
-            )
+            raise SpecError(f"unknown format(s) {', '.join(bad) or '(none)'}; use --formats torchscript,onnx")
         spec = load_spec(model, input_shape)
         folder = out or Path("out") / spec.name
         net = build_model(spec, weights)
@@ -311,11 +407,11 @@ def convert(
 
     try:
         if not file.is_file():
-            raise _spec_error(f"{file} does not exist")
+            raise SpecError(f"{file} does not exist")
         if converter is None:
             converter = "pnnx" if file.suffix == ".pt" else "pnnx-onnx"
         if converter.startswith("pnnx") and input_shape is None:
-            raise _spec_error("pnnx needs the input shape: pass --input-shape 1,3,224,224")
+            raise SpecError("pnnx needs the input shape: pass --input-shape 1,3,224,224")
         shape = parse_shape(input_shape) if input_shape else (1, 3, 224, 224)
         result = run_convert(
             file, out or file.parent, converter, shape, fp16_weights=fp16, onnx2ncnn=onnx2ncnn
@@ -359,7 +455,7 @@ def doctor() -> None:
 @app.command()
 def models() -> None:
     """List the model specs in models/."""
-    from .spec import available_models, load_spec
+    from .spec import available_models
 
     for name in available_models():
         spec = load_spec(name)
@@ -373,12 +469,6 @@ def _main(
     if version:
         console.print(f"deploytool {__version__}")
         raise typer.Exit(0)
-
-
-def _spec_error(msg: str):
-    from .errors import SpecError
-
-    return SpecError(msg)
 
 
 def main() -> None:

@@ -269,7 +269,7 @@ def summarize(
     """Compare every backend with the reference and build report.json's dict."""
     with timer.stage("compare"):
         comparisons, task, histograms = _compare(
-            spec, items, results, opts.ncnn_precision, reference, opts.save_vis
+            spec, items, results, opts.ncnn_precision, reference, opts.save_vis, opts.fp16_weights
         )
     passed = all(c["passed"] for c in comparisons) and all(t.get("passed", True) for t in task.values())
     return {
@@ -330,7 +330,13 @@ def ncnn_feed(feed: dict, names: list[str]) -> dict:
 
 
 def _compare(
-    spec: ModelSpec, items, results: dict, precision: str, reference: str, save_vis: Path | None = None
+    spec: ModelSpec,
+    items,
+    results: dict,
+    precision: str,
+    reference: str,
+    save_vis: Path | None = None,
+    fp16_weights: bool = False,
 ) -> tuple[list[dict], dict, dict]:
     """Tensor comparisons, task agreement and error histograms of every backend against the reference."""
     comparisons = []
@@ -341,6 +347,8 @@ def _compare(
         if backend == reference:
             continue
         prec = precision if backend in PRECISION_BACKENDS else "fp32"
+        if fp16_weights and backend in NCNN_BACKENDS and prec == "fp32":
+            prec = "fp16"  # pnnx rounded the weights to fp16: judged with the fp16 tolerances
         for name in spec.output_names:
             tol = spec.tolerance(backend, prec, name)
             counts = np.zeros(len(HIST_EDGES_LOG10) + 1, dtype=np.int64)

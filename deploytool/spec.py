@@ -31,6 +31,9 @@ DEFAULT_TOLERANCES = {
     "default": Tolerance(1e-4, 1e-4),
     "ncnn-vulkan": Tolerance(5e-2, 5e-2),
     "ncnn-cpu-fp16": Tolerance(5e-2, 5e-2),
+    "ncnn-cpu-bf16": Tolerance(1e-1, 5e-2),
+    "fp16": Tolerance(5e-2, 5e-2),  # any ncnn backend with fp16 weights or storage, unless set per backend
+    "bf16": Tolerance(1e-1, 5e-2),
     "ncnn-vulkan-fp16": Tolerance(1e-1, 1e-1),
 }
 
@@ -64,9 +67,9 @@ class ModelSpec:
     source: str = "<import>"
 
     def tolerance(self, backend: str, precision: str = "fp32", output: str | None = None) -> Tolerance:
-        """The most specific tolerance: backend+precision, then backend, then default; each first
-        for `output` (`[tolerance.KEY.outputs.NAME]`), then for all outputs."""
-        keys = [f"{backend}-{precision}"] if precision != "fp32" else []
+        """The most specific tolerance: backend+precision, then the precision mode alone (`fp16`, `bf16`),
+        then backend, then default; each first for `output` (`[tolerance.KEY.outputs.NAME]`)."""
+        keys = [f"{backend}-{precision}", precision] if precision != "fp32" else []
         keys += [backend, "default"]
         for key in keys:
             for k in ([f"{key}/{output}"] if output else []) + [key]:

@@ -214,3 +214,48 @@ def test_bench_resnet18_end_to_end(tmp_path):
     text = console.export_text()
     assert "ncnn-cpu/fp32" in text and "budget top1=1,rel=0.01 @1 threads" in text
     assert "| ncnn-cpu/fp32 | 1 |" in bench_markdown(result)
+
+
+def test_cli_bench_rejects_a_bad_budget_before_measuring(tmp_path):
+    from typer.testing import CliRunner
+
+    from deploytool.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "resnet18", "--budget", "top1=abc", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "budget" in result.stderr
+    assert not (tmp_path / "bench.json").exists()
+    result = CliRunner().invoke(app, ["bench", "resnet18", "--threads", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--threads" in result.stderr
+
+
+@pytest.mark.slow
+def test_run_precision_auto_writes_the_chosen_variant(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from deploytool.cli import app
+
+    args = [
+        "run",
+        "resnet18",
+        "--precision",
+        "auto",
+        "--budget",
+        "top1=1.0,rel=1e-2",
+        "--backends",
+        "torch,ncnn-cpu",
+        "--images",
+        str(IMAGES / "chelsea.jpg"),
+        "--out",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "precision auto:" in result.output and "fastest variant within" in result.output
+    bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    chosen = bench["selection"]["by_threads"]["2"]["variant"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    expected = {"fp32": "fp32", "fp16-weights": "fp32", "fp16": "fp16", "bf16": "bf16"}[chosen]
+    assert report["backends"]["ncnn-cpu"]["precision"] == expected
+    assert report["artifacts"]["fp16_weights"] == (chosen == "fp16-weights")
