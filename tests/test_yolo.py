@@ -1,8 +1,5 @@
 """The YOLOv8-style detector: shapes, decoding, seeded detections, and one real pnnx/ncnn round trip."""
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,57 +70,53 @@ def test_sparse_detections_on_photos(spec, model):
     assert all(1 <= n <= 100 for n in counts.values()), counts
 
 
-def _ncnn(param: Path, x: np.ndarray) -> np.ndarray:
-    import ncnn
+@pytest.fixture(scope="module")
+def converted(model, tmp_path_factory):
+    """The model traced at 640x640 and converted by pnnx (fp32 weights) for dynamic sizes."""
+    pytest.importorskip("ncnn")
+    from deploytool.convert import convert, find_pnnx
+    from deploytool.export import export_torchscript
 
-    from deploytool.errors import SpecError
-    from deploytool.ncnn_param import read_param
-
-    try:
-        graph = read_param(param)
-    except SpecError as exc:  # dynamic pnnx output uses string-valued params: 6="*(0h,0w),64"
-        pytest.xfail(f"deploytool.ncnn_param cannot read pnnx's dynamic-shape Reshape params yet: {exc}")
-    net = ncnn.Net()
-    net.opt.num_threads = 2
-    net.opt.use_vulkan_compute = False
-    net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
-    net.opt.use_bf16_storage = False
-    try:
-        net.load_param(str(param))
-        net.load_model(str(param.with_suffix(".bin")))
-        with net.create_extractor() as ex:
-            ex.input(graph.input_names[0], ncnn.Mat(np.ascontiguousarray(x[0])))
-            ret, mat = ex.extract(graph.output_names[0])
-            assert ret == 0
-            return np.array(mat)[None].copy()
-    finally:
-        net.clear()
-
-
-def _pnnx() -> str | None:
-    here = Path(sys.executable).parent / "pnnx"
-    return str(here) if here.is_file() else shutil.which("pnnx")
+    if find_pnnx() is None:
+        pytest.skip("pnnx is not installed")
+    folder = tmp_path_factory.mktemp("yolov8n")
+    source = export_torchscript(model, torch.zeros(1, 3, 640, 640), folder / "m.pt")
+    result = convert(source, folder, "pnnx", (1, 3, 640, 640), (1, 3, 320, 320))
+    return result.param, result.bin
 
 
 @pytest.mark.slow
-def test_pnnx_ncnn_matches_torch_at_dynamic_sizes(spec, model, tmp_path):
-    pytest.importorskip("ncnn")
-    pnnx = _pnnx()
-    if pnnx is None:
-        pytest.skip("pnnx is not installed")
-    torch.jit.trace(model, torch.zeros(1, 3, 640, 640)).save(tmp_path / "m.pt")
-    result = subprocess.run(
-        [pnnx, "m.pt", "inputshape=[1,3,640,640]f32", "inputshape2=[1,3,320,320]f32", "fp16=0"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+def test_pnnx_ncnn_matches_torch_at_dynamic_sizes(spec, model, converted):
+    from deploytool.backends.ncnn_runner import NcnnRunner
+
     img = read_image(ROOT / "images" / "chelsea.jpg")
     tol = spec.tolerance("ncnn-cpu")
-    for h, w in [(320, 320), (384, 640)]:
-        x, geom = preprocess(img, spec.preprocess, w, h)
-        ref, got = run(model, x), _ncnn(tmp_path / "m.ncnn.param", x)
-        assert got.shape == ref.shape
-        np.testing.assert_allclose(got, ref, atol=tol.atol, rtol=tol.rtol)
-        np.testing.assert_allclose(got[0, 4:], ref[0, 4:], atol=1e-3)  # scores tighter than boxes
+    with NcnnRunner(*converted) as runner:
+        for h, w in [(320, 320), (384, 640)]:
+            x, _ = preprocess(img, spec.preprocess, w, h)
+            ref = run(model, x)
+            got = runner.infer({runner.input_names[0]: x})[runner.output_names[0]]
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=tol.atol, rtol=tol.rtol)
+            np.testing.assert_allclose(got[0, 4:], ref[0, 4:], atol=1e-3)  # scores tighter than boxes
+
+
+@pytest.mark.slow
+@pytest.mark.vulkan
+def test_vulkan_fp16_storage_detections_match_torch(spec, model, converted):
+    # ncnn on Vulkan keeps fp16 storage even in fp32 mode (as deployed): the detections, not the raw
+    # tensor, are what must agree, on every photo.
+    from deploytool.backends.ncnn_runner import NcnnVulkanRunner
+    from deploytool.detect import DetectSettings, compare_raw
+
+    settings = DetectSettings.from_task_args(spec.task_args)
+    failures, compared = [], 0
+    with NcnnVulkanRunner(*converted) as runner:
+        for path in IMAGES:
+            x, geom = preprocess(read_image(path), spec.preprocess, 320, 320)
+            got = runner.infer({runner.input_names[0]: x})[runner.output_names[0]]
+            parity, _, _ = compare_raw(run(model, x), got, geom, settings)
+            compared += parity.matched
+            failures += [f"{path.name}: {f}" for f in parity.failures]
+    assert compared > 0, "no detections to compare"
+    assert not failures, "\n".join(failures)

@@ -249,22 +249,29 @@ def _seeded_init(model: YOLOv8, seed: int, cls_std: float) -> YOLOv8:
     for box in head.box:
         with torch.no_grad():
             box[-1].bias.copy_(-DFL_BIAS_SLOPE * bins)
-    # Class bias: a flat grey image (the letterbox padding) scores the prior everywhere.
-    flat = torch.full((1, 3, 320, 320), LETTERBOX_GREY)
+    # A flat letterbox-grey image: its features differ between cells only near the borders, where
+    # zero padding makes an edge. The class convolutions are made blind to the strongest of those
+    # border directions (else every flat border lights up as a row of near-equal detections), then
+    # the bias puts the flat image at the prior.
     finals = [seq[-1] for seq in head.cls]
-    outs: list[torch.Tensor] = []
-    hooks = [conv.register_forward_hook(lambda _m, _i, o: outs.append(o)) for conv in finals]
-    try:
+    feats = _inputs_of(model, finals, torch.full((1, 3, 320, 320), LETTERBOX_GREY))
+    for conv, f in zip(finals, feats, strict=True):
+        c = f.shape[1]
+        centre = f[0, :, f.shape[2] // 2, f.shape[3] // 2]
+        border = (f[0] - centre.view(-1, 1, 1)).reshape(c, -1)
+        u, sv, _ = torch.linalg.svd(border, full_matrices=False)
+        k = int((sv.square().cumsum(0) / sv.square().sum() < BORDER_ENERGY).sum()) + 1
+        k = min(k, c // BORDER_MAX_FRACTION)
         with torch.no_grad():
-            model.eval()(flat)
-    finally:
-        for h in hooks:
-            h.remove()
-    for conv, out, stride in zip(finals, outs, head.strides, strict=True):
+            w = conv.weight.view(conv.out_channels, c)
+            w -= (w @ u[:, :k]) @ u[:, :k].T
+    spread = _output_std(model, finals, x)
+    for conv, std, f, stride in zip(finals, spread, feats, head.strides, strict=True):
         prior = math.log(5 / head.nc / (640 / stride) ** 2)
-        centre = out[0, :, out.shape[2] // 2, out.shape[3] // 2]  # away from the zero-padded border
+        centre = f[0, :, f.shape[2] // 2, f.shape[3] // 2]
         with torch.no_grad():
-            conv.bias.add_(prior - centre)
+            conv.weight.mul_(cls_std / std)
+            conv.bias.copy_(prior - conv.weight.view(conv.out_channels, -1) @ centre)
     return model.eval()
 
 
@@ -273,6 +280,8 @@ BN_BETA = (1.0, 2.0)
 BOX_LOGIT_STD = 1.5
 DFL_BIAS_SLOPE = 0.5
 LETTERBOX_GREY = 114 / 255
+BORDER_ENERGY = 0.5
+BORDER_MAX_FRACTION = 8
 
 
 def _calibration_images(generator: torch.Generator, n: int = 4, size: int = 320) -> torch.Tensor:
@@ -322,6 +331,22 @@ def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     model.eval()
 
 
+def _inputs_of(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """What each of `layers` receives when the model runs on `x` (eval mode)."""
+    got: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_hook(lambda _m, i, _o, n=n: got.__setitem__(n, i[0]))
+        for n, layer in enumerate(layers)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [got[n] for n in range(len(layers))]
+
+
 def _output_std(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[float]:
     """Standard deviation of each layer's output over the calibration inputs (eval mode)."""
     outs: dict[int, torch.Tensor] = {}
@@ -340,9 +365,9 @@ def _output_std(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> l
 
 def yolov8n(num_classes: int = 80, seed: int = 0) -> YOLOv8:
     """YOLOv8-n sized detector (depth 0.33, width 0.25); seeded weights without a checkpoint."""
-    return _seeded_init(YOLOv8("n", num_classes), seed, cls_std=4.3)
+    return _seeded_init(YOLOv8("n", num_classes), seed, cls_std=6.6)
 
 
 def yolov8s(num_classes: int = 80, seed: int = 0) -> YOLOv8:
     """YOLOv8-s sized detector (depth 0.33, width 0.50); seeded weights without a checkpoint."""
-    return _seeded_init(YOLOv8("s", num_classes), seed, cls_std=4.3)
+    return _seeded_init(YOLOv8("s", num_classes), seed, cls_std=6.6)
