@@ -59,12 +59,13 @@ class DetectSettings:
     margin: float = 0.05
     score_tol: float = 0.05
     iou_min: float = 0.95
+    box_tol_px: float = 1.0
     names: tuple[str, ...] = ()
 
     @classmethod
     def from_task_args(cls, args: dict[str, Any], source: str = "<spec>") -> DetectSettings:
         """Validate [task_args]: confidence, iou, max_det, margin, score_tol, iou_min, names."""
-        known = {"confidence", "iou", "max_det", "margin", "score_tol", "iou_min", "names"}
+        known = {"confidence", "iou", "max_det", "margin", "score_tol", "iou_min", "box_tol_px", "names"}
         unknown = set(args) - known
         if unknown:
             raise SpecError(
@@ -88,6 +89,10 @@ class DetectSettings:
         max_det = args.get("max_det", d.max_det)
         if not isinstance(max_det, int) or max_det <= 0:
             raise SpecError(f"{source}: task_args.max_det must be a positive integer, got {max_det!r}")
+        box_tol = args.get("box_tol_px", d.box_tol_px)
+        if isinstance(box_tol, bool) or not isinstance(box_tol, int | float) or box_tol < 0:
+            raise SpecError(f"{source}: task_args.box_tol_px must be a number >= 0, got {box_tol!r}")
+        values["box_tol_px"] = float(box_tol)
         names = args.get("names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise SpecError(f"{source}: task_args.names must be a list of strings")
@@ -174,6 +179,7 @@ class DetectionParity:
     unmatched_got: int
     min_iou: float | None  # over matched pairs; None when nothing matched
     max_score_diff: float | None
+    max_box_diff_px: float | None  # largest coordinate difference of a matched pair, original pixels
     borderline: int  # unmatched detections within `margin` of conf: may flip, not failures
     failures: list[str] = field(default_factory=list)
 
@@ -192,6 +198,7 @@ class DetectionParity:
             "unmatched_got": self.unmatched_got,
             "min_iou": self.min_iou,
             "max_score_diff": self.max_score_diff,
+            "max_box_diff_px": self.max_box_diff_px,
             "borderline": self.borderline,
             "failures": list(self.failures),
         }
@@ -209,14 +216,17 @@ def match_detections(
     margin: float = 0.05,
     iou_min: float = 0.95,
     score_tol: float = 0.05,
+    box_tol_px: float = 1.0,
 ) -> DetectionParity:
     """Match `got` to `ref` greedily by IoU within each class and judge the agreement.
 
     Passed when every detection scoring at least conf + margin on either side is matched with
-    IoU >= iou_min and |score difference| <= score_tol. Detections within `margin` of conf that find
-    no partner are counted as borderline (they may legitimately cross the threshold between
-    backends); detections below conf - margin are ignored. Choose score_tol <= 2 * margin, so that
-    a strong detection's counterpart is never cut by post-processing's conf - margin floor.
+    IoU >= iou_min (or, for boxes so thin that IoU cannot judge them, such as slivers clipped at the
+    image border, every coordinate within box_tol_px) and |score difference| <= score_tol.
+    Detections within `margin` of conf that find no partner are counted as borderline (they may
+    legitimately cross the threshold between backends); detections below conf - margin are ignored.
+    Choose score_tol <= 2 * margin, so that a strong detection's counterpart is never cut by
+    post-processing's conf - margin floor.
     """
     floor = conf - margin
     ref, got = ref.above(floor), got.above(floor)
@@ -235,14 +245,16 @@ def match_detections(
 
     strong = conf + margin
     failures = []
-    ious, diffs = [], []
+    ious, diffs, shifts = [], [], []
     for i, j, pair_iou in pairs:
         diff = abs(float(ref.scores[i]) - float(got.scores[j]))
+        shift = float(np.abs(ref.boxes[i] - got.boxes[j]).max())
         ious.append(pair_iou)
         diffs.append(diff)
+        shifts.append(shift)
         if max(ref.scores[i], got.scores[j]) < strong:
             continue
-        if pair_iou < iou_min:
+        if pair_iou < iou_min and shift > box_tol_px:
             failures.append(
                 f"IoU {pair_iou:.4f} < {iou_min}: ref {_describe(ref, i)} vs got {_describe(got, j)}"
             )
@@ -270,6 +282,7 @@ def match_detections(
         unmatched_got=int(got_free.sum()),
         min_iou=min(ious) if ious else None,
         max_score_diff=max(diffs) if diffs else None,
+        max_box_diff_px=max(shifts) if shifts else None,
         borderline=borderline,
         failures=failures,
     )
@@ -282,7 +295,7 @@ def compare_raw(
     s = settings
     ref = postprocess(ref_raw, geometry, s.conf, s.iou, s.max_det, s.margin)
     got = postprocess(got_raw, geometry, s.conf, s.iou, s.max_det, s.margin)
-    return match_detections(ref, got, s.conf, s.margin, s.iou_min, s.score_tol), ref, got
+    return match_detections(ref, got, s.conf, s.margin, s.iou_min, s.score_tol, s.box_tol_px), ref, got
 
 
 def _colour(class_id: int) -> tuple[int, int, int]:

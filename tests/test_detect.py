@@ -224,3 +224,18 @@ def test_draw_marks_the_image():
     out = draw(img, d, ["person", "bicycle"], conf=0.25)
     assert out.shape == img.shape and img.sum() == 0  # input untouched
     assert out[30:150, 20:120].any() and not out[60:150, 160:270].any()
+
+
+def test_thin_box_at_the_border_passes_within_box_tolerance_but_not_beyond():
+    from deploytool.detect import Detections, match_detections
+
+    def one(box, score=0.8):
+        return Detections(np.array([box], np.float32), np.array([score], np.float32), np.array([3]))
+
+    ref = one([18.3, 339.1, 59.5, 341.0])  # a 1.9 px sliver clipped at the bottom edge
+    got = one([18.3, 339.35, 59.5, 341.0])  # 0.25 px off: IoU ~0.87
+    assert match_detections(ref, got, iou_min=0.95, box_tol_px=1.0).passed
+    assert not match_detections(ref, got, iou_min=0.95, box_tol_px=0.1).passed
+    moved = one([22.3, 339.1, 63.5, 341.0])  # 4 px sideways: a real difference
+    result = match_detections(ref, moved, iou_min=0.95, box_tol_px=1.0)
+    assert not result.passed and result.max_box_diff_px == pytest.approx(4.0, abs=1e-3)
