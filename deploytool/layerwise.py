@@ -276,40 +276,29 @@ FP16_PEAK_RTOL = 1e-2  # fp16 storage (Vulkan, ncnn fp16 mode): measured ≤ 2.5
 MATCH_ATOL = MATCH_RTOL = 1e-3  # torch tensor vs ncnn blob, values compared elementwise
 
 
+def _row(name: str, index: dict, r, passed: bool, **extra) -> dict:
+    return {
+        "comparison": name,
+        "index": index[r.layer],
+        "blob": r.blob,
+        "layer": r.layer,
+        "type": r.layer_type,
+        "max_abs": r.max_abs,
+        "passed": passed,
+        **extra,
+    }
+
+
 def _rows(name: str, graph: NcnnGraph, results: list[LayerResult]) -> list[dict]:
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
-    return [
-        {
-            "comparison": name,
-            "index": index[r.layer],
-            "blob": r.blob,
-            "layer": r.layer,
-            "type": r.layer_type,
-            "max_abs": r.max_abs,
-            "peak_rel": r.peak_rel,
-            "passed": r.passed,
-        }
-        for r in results
-    ]
+    return [_row(name, index, r, r.passed, peak_rel=r.peak_rel) for r in results]
 
 
 def _match_rows(
     name: str, graph: NcnnGraph, matches: list[BlobMatch], blamed: BlobMatch | None
 ) -> list[dict]:
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
-    return [
-        {
-            "comparison": name,
-            "index": index[m.layer],
-            "blob": m.blob,
-            "layer": m.layer,
-            "type": m.layer_type,
-            "max_abs": m.max_abs,
-            "torch_op": m.torch_op,
-            "passed": m is not blamed and m.explained,
-        }
-        for m in matches
-    ]
+    return [_row(name, index, m, m is not blamed and m.explained, torch_op=m.torch_op) for m in matches]
 
 
 def layerwise(

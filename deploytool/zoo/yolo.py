@@ -335,11 +335,11 @@ def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     model.eval()
 
 
-def _inputs_of(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """What each of `layers` receives when the model runs on `x` (eval mode)."""
+def _capture(model: nn.Module, layers: list[nn.Module], x: torch.Tensor, outputs: bool) -> list[torch.Tensor]:
+    """What each of `layers` receives (or, with `outputs`, returns) when the model runs on `x` (eval)."""
     got: dict[int, torch.Tensor] = {}
     hooks = [
-        layer.register_forward_hook(lambda _m, i, _o, n=n: got.__setitem__(n, i[0]))
+        layer.register_forward_hook(lambda _m, i, o, n=n: got.__setitem__(n, o if outputs else i[0]))
         for n, layer in enumerate(layers)
     ]
     try:
@@ -351,20 +351,13 @@ def _inputs_of(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> li
     return [got[n] for n in range(len(layers))]
 
 
+def _inputs_of(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    return _capture(model, layers, x, outputs=False)
+
+
 def _output_std(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[float]:
     """Standard deviation of each layer's output over the calibration inputs (eval mode)."""
-    outs: dict[int, torch.Tensor] = {}
-    hooks = [
-        layer.register_forward_hook(lambda _m, _i, o, i=i: outs.__setitem__(i, o))
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [outs[i].std().item() for i in range(len(layers))]
+    return [out.std().item() for out in _capture(model, layers, x, outputs=True)]
 
 
 def yolov8n(num_classes: int = 80, seed: int = 0) -> YOLOv8:
