@@ -289,7 +289,11 @@ def summarize(
             "converter_log": _str(art.converter_log),
             "fp16_weights": opts.fp16_weights,
         },
-        "input": {"name": spec.input_name, "shape": list(spec.input_shape)},
+        "input": {
+            "name": spec.input_name,
+            "shape": list(spec.input_shape),
+            "dynamic_shapes": [list(d) for d in spec.dynamic_shapes],  # also checked, from the same files
+        },
         "backends": backend_info,
         "stages": timer.stages,
         "comparisons": comparisons,
