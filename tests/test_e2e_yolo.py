@@ -121,3 +121,18 @@ def test_vulkan_passes_detection_parity(yolo_cpu):
     result = cli.invoke(app, ["parity", str(out), "--model", "yolov8n", "--backends", "ncnn-vulkan", *photos])
     assert result.exit_code == 0, result.output
     assert "ncnn-vulkan: detection_agreement 1.00" in result.output
+
+
+@pytest.mark.cpp
+def test_cpp_runner_detections_match_torch(yolo_cpu, tmp_path):
+    """The C++ runner letterboxes the photo itself (ncnn's resize), decodes and NMSes in C++."""
+    out, _ = yolo_cpu
+    photos = ["--images", str(IMAGES / "chelsea.jpg"), "--images", str(IMAGES / "rocket.jpg")]
+    args = ["parity", str(out), "--model", "yolov8n", "--backends", "ncnn-cpp", *photos]
+    result = cli.invoke(app, [*args, "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["task"]["ncnn-cpp"]["detection_agreement"] == 1.0
+    assert (
+        0 < report["backends"]["ncnn-cpp"]["preprocess_max_abs"] <= 1 / 255 + 1e-6
+    )  # one grey level at most
