@@ -35,6 +35,7 @@ from .pipeline import (
     select_backends,
     versions,
 )
+from .report import fmt
 from .spec import ModelSpec, build_model
 
 SCHEMA = 1
@@ -789,14 +790,6 @@ def _selection(result: dict, budget: Budget) -> dict:
 # ---------------------------------------------------------------- rendering
 
 
-def _fmt(v, spec: str = ".3g") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    return format(v, spec)
-
-
 def table_rows(result: dict) -> list[list[str]]:
     """One row per result: name, threads, median, p90, min, x ORT, max_abs, rel, top1, peak RSS (model)."""
     rows = []
@@ -810,9 +803,9 @@ def table_rows(result: dict) -> list[list[str]]:
                 f"{lat['median']:.2f}" + ("*" if lat.get("spread_note") else ""),
                 f"{lat['p90']:.2f}",
                 f"{lat['min']:.2f}",
-                _fmt(r["ratio_to_onnxruntime"], ".2f") + ("x" if r["ratio_to_onnxruntime"] else ""),
-                "ref" if ref else _fmt(p["max_abs"], ".2g"),
-                "ref" if ref else _fmt(p["rel"], ".2g"),
+                fmt(r["ratio_to_onnxruntime"], ".2f") + ("x" if r["ratio_to_onnxruntime"] else ""),
+                "ref" if ref else fmt(p["max_abs"], ".2g"),
+                "ref" if ref else fmt(p["rel"], ".2g"),
                 "ref" if ref else _task_cell(p),
                 f"{mem['peak_rss_mib']:.0f} ({mem['model_rss_mib']:+.0f})",
             ]

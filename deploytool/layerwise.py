@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .atomic import atomic_path
 from .interpreter import NcnnInterpreter
 from .ncnn_param import NcnnGraph
 
@@ -256,15 +257,14 @@ def scale_layer_weights(
     """Copy bin to out_bin with one layer's weight array multiplied by factor (for fault-injection tests)."""
     rec = NcnnInterpreter(param, bin).weight_record(layer_name, "weight")
     out_bin = Path(out_bin)
-    tmp = out_bin.with_name(out_bin.name + ".tmp")
-    shutil.copyfile(bin, tmp)
-    with open(tmp, "r+b") as f:
-        f.seek(rec.offset)
-        dtype = np.dtype(rec.dtype).newbyteorder("<")
-        data = np.frombuffer(f.read(rec.count * dtype.itemsize), dtype=dtype)
-        f.seek(rec.offset)
-        f.write((data.astype(np.float64) * factor).astype(dtype).tobytes())
-    tmp.replace(out_bin)
+    with atomic_path(out_bin) as tmp:
+        shutil.copyfile(bin, tmp)
+        with open(tmp, "r+b") as f:
+            f.seek(rec.offset)
+            dtype = np.dtype(rec.dtype).newbyteorder("<")
+            data = np.frombuffer(f.read(rec.count * dtype.itemsize), dtype=dtype)
+            f.seek(rec.offset)
+            f.write((data.astype(np.float64) * factor).astype(dtype).tobytes())
     return out_bin
 
 

@@ -12,12 +12,13 @@ from rich.table import Table
 from .atomic import write_text
 
 
-def _fmt(v) -> str:
-    if isinstance(v, str):
-        return v
+def fmt(v, spec: str = ".3g") -> str:
+    """A number for a table cell; strings ("inf", "ref") and None ("-") pass through."""
     if v is None:
         return "-"
-    return f"{v:.3g}"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
 
 
 def console_summary(report: dict, console: Console) -> None:
@@ -42,11 +43,11 @@ def console_summary(report: dict, console: Console) -> None:
             backend,
             output,
             str(len(rows)),
-            _fmt(worst["max_abs"]),
-            _fmt(worst["max_rel"]),
-            _fmt(min(_num(r["cosine"]) for r in rows)),
+            fmt(worst["max_abs"]),
+            fmt(worst["max_rel"]),
+            fmt(min(_num(r["cosine"]) for r in rows)),
             f"{worst['atol']:.0e}/{worst['rtol']:.0e}",
-            _fmt(max(_num(r["min_atol"]) for r in rows)),
+            fmt(max(_num(r["min_atol"]) for r in rows)),
             "[green]pass[/]"
             if ok
             else "[red]FAIL[/]" + (f" ({worst['reason']})" if worst.get("reason") else ""),
@@ -65,7 +66,7 @@ def console_summary(report: dict, console: Console) -> None:
         elif info.get("latency_ms_median") is not None:
             dev = f" on {info['device']}" if info.get("device") not in (None, "cpu") else ""
             pre = info.get("preprocess_max_abs")
-            note = f"; its own preprocessing vs Python's: max_abs {_fmt(pre)}" if pre is not None else ""
+            note = f"; its own preprocessing vs Python's: max_abs {fmt(pre)}" if pre is not None else ""
             console.print(f"  {name}{dev}: median {info['latency_ms_median']:.2f} ms per inference{note}")
     if report.get("layers"):
         layer_table(report, console)
@@ -108,7 +109,7 @@ def layer_table(report: dict, console: Console) -> None:
             first = firsts.get(name)
             mark = " ◀" if first and first["blob"] == blob else (" ✗" if not r["passed"] else "")
             style = "red" if not r["passed"] else ""
-            cells.append(f"[{style}]{_fmt(r['max_abs'])}{mark}[/]" if style else _fmt(r["max_abs"]) + mark)
+            cells.append(f"[{style}]{fmt(r['max_abs'])}{mark}[/]" if style else fmt(r["max_abs"]) + mark)
         row = entry["row"]
         table.add_row(str(row["index"]), row["layer"], row["type"], blob, *cells)
     console.print(table)
@@ -119,7 +120,7 @@ def layer_table(report: dict, console: Console) -> None:
         else:
             console.print(
                 f"  [red]{name}: first diverges at layer {first['layer']} ({first['type']}), "
-                f"blob {first['blob']}, max_abs {_fmt(first['max_abs'])}[/]"
+                f"blob {first['blob']}, max_abs {fmt(first['max_abs'])}[/]"
             )
 
 
@@ -156,8 +157,8 @@ def write_junit(report: dict, path: Path | str) -> Path:
         if not c["passed"]:
             failures += 1
             msg = c.get("reason") or (
-                f"max_abs {_fmt(c['max_abs'])} max_rel {_fmt(c['max_rel'])} exceeds atol {c['atol']} "
-                f"rtol {c['rtol']}; smallest passing atol {_fmt(c['min_atol'])}"
+                f"max_abs {fmt(c['max_abs'])} max_rel {fmt(c['max_rel'])} exceeds atol {c['atol']} "
+                f"rtol {c['rtol']}; smallest passing atol {fmt(c['min_atol'])}"
             )
             ET.SubElement(case, "failure", message=msg)
     for backend, t in report.get("task", {}).items():
@@ -196,9 +197,9 @@ def write_markdown(report: dict, path: Path | str, pictures: list[Path] | None =
         worst = max(rows, key=lambda r: _num(r["max_abs"]))
         passed = all(r["passed"] for r in rows)
         lines.append(
-            f"| {backend} | {output} | {len(rows)} | {_fmt(worst['max_abs'])} | {_fmt(worst['max_rel'])} | "
-            f"{_fmt(min(_num(r['cosine']) for r in rows))} | {worst['atol']:g} / {worst['rtol']:g} | "
-            f"{_fmt(max(_num(r['min_atol']) for r in rows))} | {'pass' if passed else '**FAIL**'} |"
+            f"| {backend} | {output} | {len(rows)} | {fmt(worst['max_abs'])} | {fmt(worst['max_rel'])} | "
+            f"{fmt(min(_num(r['cosine']) for r in rows))} | {worst['atol']:g} / {worst['rtol']:g} | "
+            f"{fmt(max(_num(r['min_atol']) for r in rows))} | {'pass' if passed else '**FAIL**'} |"
         )
     if report.get("task"):
         lines += ["", "| backend | task agreement | result |", "|---|---|---|"]
@@ -210,7 +211,7 @@ def write_markdown(report: dict, path: Path | str, pictures: list[Path] | None =
             "every blob within tolerance"
             if first is None
             else f"first diverges at `{first['layer']}` ({first['type']}), blob `{first['blob']}`, "
-            f"max_abs {_fmt(first['max_abs'])}"
+            f"max_abs {fmt(first['max_abs'])}"
         )
         lines += ["", f"Layer-wise, {name}: {where}."]
     skipped = [f"{n} ({i['reason']})" for n, i in report["backends"].items() if not i["available"]]

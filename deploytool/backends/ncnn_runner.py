@@ -106,19 +106,23 @@ class NcnnRunner(Runner):
         self.net = net
 
     def _infer(self, feed):
-        import ncnn
 
         outs = {}
         with self.net.create_extractor() as ex:
-            for name in self.input_names:
-                arr = np.ascontiguousarray(feed[name], dtype=np.float32)
-                ex.input(name, ncnn.Mat(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr))
+            self._feed(ex, feed)
             for name in self.output_names:
                 ret, mat = ex.extract(name)
                 if ret != 0:
                     raise RuntimeError(f"extract({name!r}) returned {ret}")
                 outs[name] = np.array(mat)[None]  # ncnn drops the batch axis
         return outs
+
+    def _feed(self, ex, feed) -> None:
+        import ncnn
+
+        for name in self.input_names:
+            arr = np.ascontiguousarray(feed[name], dtype=np.float32)
+            ex.input(name, ncnn.Mat(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr))  # no batch axis
 
     def _unload(self) -> None:
         if self.net is not None:
@@ -127,13 +131,10 @@ class NcnnRunner(Runner):
 
     def extract_all(self, feed) -> dict[str, np.ndarray]:
         """Every blob of the graph, in graph order (for per-layer comparisons)."""
-        import ncnn
 
         blobs = {}
         with self.net.create_extractor() as ex:
-            for name in self.input_names:
-                arr = np.ascontiguousarray(feed[name], dtype=np.float32)
-                ex.input(name, ncnn.Mat(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr))
+            self._feed(ex, feed)
             for layer in self.graph.layers:
                 for top in layer.tops:
                     ret, mat = ex.extract(top)
