@@ -70,6 +70,28 @@ def meta_for(spec, param: Path, labels: list[str] | None = None, num_classes: in
     return meta
 
 
+def make_bundle(spec, opts, out_dir: Path):
+    """Run the pipeline on torch, ncnn-cpu and (when libncnn is built) the C++ runner, write
+    report.json into the run folder, and only if parity passed write the bundle. Returns
+    (report, bundle path or None when parity failed)."""
+    from dataclasses import replace
+
+    from .backends import availability
+    from .pipeline import run
+    from .report import write_json
+
+    if spec.task not in TASKS:
+        raise SpecError(f"{spec.name}: bundles need a classify or detect spec with image input")
+    backends = "torch,ncnn-cpu" + (",ncnn-cpp" if availability("ncnn-cpp")[0] else "")
+    report = run(spec, replace(opts, backends=backends))
+    report_path = write_json(report, Path(opts.out) / "report.json")
+    if not report.passed:
+        return report, None
+    meta = json.loads((Path(opts.out) / "meta.json").read_text())
+    param, bin_ = Path(report.artifacts["ncnn_param"]), Path(report.artifacts["ncnn_bin"])
+    return report, write_bundle(out_dir, param, bin_, meta, report_path)
+
+
 def write_bundle(out_dir: Path, param: Path, bin: Path, meta: dict, report_path: Path | None = None) -> Path:
     """Write the bundle folder; it appears complete or not at all (built beside it, then renamed)."""
     out_dir = Path(out_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import DeployError, SpecError
+from .inputs import images_or_default
 from .spec import load_spec
 
 app = typer.Typer(
@@ -94,7 +94,7 @@ def run(
     markdown: MarkdownOpt = None,
 ) -> None:
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
-    from .pipeline import RunOptions
+    from .pipeline import Recipe, RunOptions
     from .pipeline import run as run_pipeline
 
     try:
@@ -102,53 +102,34 @@ def run(
         opts = RunOptions(
             out=Path(out or Path("out") / spec.name),
             backends=backends,
-            images=_images_or_default(images, spec.task),
-            converter=converter,
-            onnx2ncnn=onnx2ncnn,
+            images=images_or_default(images, spec.task),
+            recipe=Recipe(converter=converter, fp16_weights=fp16, onnx2ncnn=onnx2ncnn),
             opset=opset,
             weights=weights,
             ncnn_precision=ncnn_precision,
-            fp16_weights=fp16,
             threads=threads,
             save_vis=save_vis,
+            budget=_auto_budget(precision, budget),
         )
-        if precision is not None:
-            opts = _auto_precision(spec, opts, precision, budget)
         result = run_pipeline(spec, opts)
     except DeployError as exc:
         _fail(exc)
     _render(result, opts.out, report, junit, markdown)
 
 
-def _auto_precision(spec, opts, precision: str, budget: str | None):
-    """--precision auto: bench the ncnn variants at --threads, pick the fastest within --budget, and
-    set the run's options to write and check that variant's files."""
-    from dataclasses import replace
-
-    from .bench import BenchOptions, bench_model, parse_budget, select_variant, variant_run_options
-
+def _auto_budget(precision: str | None, budget: str | None) -> str | None:
+    """--precision auto --budget B -> B (the run benches and picks a variant); anything else: None."""
+    if precision is None:
+        if budget is not None:
+            raise SpecError("--budget is used by --precision auto; add --precision auto or drop --budget")
+        return None
     if precision != "auto":
         raise SpecError(
             f"--precision takes only 'auto' (got {precision!r}); use --ncnn-precision for a fixed mode"
         )
     if budget is None:
         raise SpecError('--precision auto needs --budget, e.g. --budget "top1=1.0,rel=1e-2"')
-    parsed = parse_budget(budget)
-    result = bench_model(
-        spec,
-        BenchOptions(
-            out=opts.out / "bench",
-            threads=[opts.threads],
-            images=opts.images,
-            weights=opts.weights,
-            budget=budget,
-            runs=10,
-            warmup=2,
-        ),
-    )
-    name, reason = select_variant(result, parsed, opts.threads)
-    console.print(f"precision auto: {reason}")
-    return replace(opts, **variant_run_options(name, opts.backends))
+    return budget
 
 
 @app.command()
@@ -185,12 +166,10 @@ def parity(
     """Compare backends on artifacts that already exist (nothing is exported or converted)."""
     from .parity import ParityOptions, run_parity
 
-    folder = target if target.is_dir() else target.parent
     try:
         opts = ParityOptions(
-            out=folder,
             backends=backends,
-            images=list(images or []),
+            images=tuple(images or ()),
             weights=weights,
             ncnn_precision=ncnn_precision,
             threads=threads,
@@ -206,46 +185,21 @@ def parity(
         result = run_parity(target, opts)
     except DeployError as exc:
         _fail(exc)
-    _render(result, folder if target.is_dir() else None, report, junit, markdown)
+    _render(result, target if target.is_dir() else None, report, junit, markdown)
 
 
-def _images_or_default(images: list[Path] | None, task: str) -> list[Path]:
-    """The user's --images, else the bundled photos for image models; none for raw models."""
-    from .inputs import default_images
-
-    if images:
-        return list(images)
-    return [] if task == "raw" else default_images()
-
-
-def _render(
-    result: dict, folder: Path | None, report: Path | None, junit: Path | None, markdown: Path | None
-) -> None:
-    """Print the summary; write report.json, report.md and the PNGs into the folder (and wherever asked);
-    exit 0 (passed) or 1 (a parity check failed)."""
-    from . import plots
-    from .report import console_summary, write_json, write_junit, write_markdown
+def _render(result, folder: Path | None, report: Path | None, junit: Path | None, markdown: Path | None):
+    """Print the summary, write the report files; exit 0 (passed) or 1 (a parity check failed)."""
+    from .report import console_summary, write_outputs
 
     console_summary(result, console)
-    written = []
-    for path, writer in (
-        (folder and folder / "report.json", write_json),
-        (folder and folder / "junit.xml", write_junit),
-        (report, write_json),
-        (junit, write_junit),
-    ):
-        if path:
-            written.append(writer(result, path))
-    for md in (folder and folder / "report.md", markdown):
-        if md:
-            pictures = [
-                plots.error_histograms(result, md.parent / "errors.png"),
-                plots.layer_curves(result, md.parent / "layers.png"),
-            ]
-            written += [p for p in pictures if p] + [write_markdown(result, md, [p for p in pictures if p])]
+    try:
+        written = write_outputs(result, folder, report, junit, markdown)
+    except DeployError as exc:
+        _fail(exc)
     if written:
-        console.print("  wrote " + ", ".join(str(p) for p in dict.fromkeys(written)))
-    raise typer.Exit(0 if result["passed"] else 1)
+        console.print("  wrote " + ", ".join(map(str, written)))
+    raise typer.Exit(0 if result.passed else 1)
 
 
 @app.command()
@@ -257,7 +211,7 @@ def bench(
     threads: Annotated[str, typer.Option("--threads", help="thread counts, e.g. 1,2")] = "2",
     backends: Annotated[
         str | None,
-        typer.Option("--backends", help="default torch,torchscript,onnxruntime,ncnn-cpu,ncnn-vulkan"),
+        typer.Option("--backends", help="default: every backend that bench times (see doctor)"),
     ] = None,
     images: ImagesOpt = None,
     input_shape: ShapeOpt = None,
@@ -271,14 +225,13 @@ def bench(
 
     try:
         spec = load_spec(model, input_shape)
-        counts = _thread_counts(threads)
         opts = BenchOptions(
             out=Path(out or Path("out") / spec.name / "bench"),
             runs=runs,
             warmup=warmup,
-            threads=counts,
+            threads=_thread_counts(threads),
             backends=backends,
-            images=_images_or_default(images, spec.task),
+            images=images_or_default(images, spec.task),
             weights=weights,
             budget=budget,
             retries=retries,
@@ -288,16 +241,15 @@ def bench(
         _fail(exc)
     render_bench(result, console)
     console.print(f"  wrote {opts.out / 'bench.json'}")
-    chosen = result.get("selection", {}).get("by_threads", {}).get(str(max(counts)))
-    if budget is not None and chosen is not None and not chosen["fits"]:
+    if budget is not None and result.budget_fits is False:
         raise typer.Exit(1)
 
 
-def _thread_counts(text: str) -> list[int]:
+def _thread_counts(text: str) -> tuple[int, ...]:
     try:
-        counts = [int(t) for t in text.split(",") if t.strip()]
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        counts = []
+        counts = ()
     if not counts or any(c < 1 for c in counts):
         raise SpecError(f"malformed --threads {text!r}: expected positive integers like 1,2")
     return counts
@@ -316,35 +268,28 @@ def bundle(
 ) -> None:
     """Convert MODEL, check parity (torch, ncnn-cpu, and the C++ runner when libncnn is built), and
     write the folder that goes onto the board; nothing is written if parity fails."""
-    from .backends import availability
-    from .bundle import write_bundle
-    from .pipeline import RunOptions
-    from .pipeline import run as run_pipeline
-    from .report import console_summary, write_json
+    from .bundle import make_bundle
+    from .pipeline import Recipe, RunOptions
+    from .report import console_summary
 
     try:
         spec = load_spec(model, input_shape)
-        backends = "torch,ncnn-cpu" + (",ncnn-cpp" if availability("ncnn-cpp")[0] else "")
         opts = RunOptions(
             out=Path(work or Path("out") / spec.name),
-            backends=backends,
-            images=_images_or_default(images, spec.task),
-            converter=converter,
+            images=images_or_default(images, spec.task),
+            recipe=Recipe(converter=converter),
             weights=weights,
             threads=threads,
         )
-        result = run_pipeline(spec, opts)
-        console_summary(result, console)
-        report = write_json(result, opts.out / "report.json")
-        if not result["passed"]:
-            err_console.print(f"[red]error:[/] parity failed; no bundle written (details: {report})")
-            raise typer.Exit(1)
-        if result["artifacts"].get("ncnn_param") is None or not (opts.out / "meta.json").is_file():
-            raise SpecError(f"{spec.name}: bundles need a classify or detect spec with image input")
-        meta = json.loads((opts.out / "meta.json").read_text())
-        path = write_bundle(out, opts.out / "model.ncnn.param", opts.out / "model.ncnn.bin", meta, report)
+        result, path = make_bundle(spec, opts, out)
     except DeployError as exc:
         _fail(exc)
+    console_summary(result, console)
+    if path is None:
+        err_console.print(
+            f"[red]error:[/] parity failed; no bundle written (details: {opts.out / 'report.json'})"
+        )
+        raise typer.Exit(1)
     console.print(f"wrote bundle {path}: see {path / 'README.md'} to build and run it on the board")
 
 
@@ -358,35 +303,15 @@ def export(
     weights: WeightsOpt = None,
 ) -> None:
     """Export MODEL to TorchScript and/or ONNX."""
-    import torch
-
-    from .export import export_onnx, export_torchscript
-    from .spec import build_model
+    from .pipeline import export
 
     try:
-        wanted = [f.strip() for f in formats.split(",") if f.strip()]
-        bad = [f for f in wanted if f not in ("torchscript", "onnx")]
-        if bad or not wanted:
-            raise SpecError(f"unknown format(s) {', '.join(bad) or '(none)'}; use --formats torchscript,onnx")
         spec = load_spec(model, input_shape)
-        folder = out or Path("out") / spec.name
-        net = build_model(spec, weights)
-        example = torch.zeros(spec.input_shape)
-        if "torchscript" in wanted:
-            console.print(f"wrote {export_torchscript(net, example, folder / 'model.pt')}")
-        if "onnx" in wanted:
-            path = export_onnx(
-                net,
-                example,
-                folder / "model.onnx",
-                [spec.input_name],
-                spec.output_names,
-                opset=opset,
-                dynamic=bool(spec.dynamic_shapes),
-            )
-            console.print(f"wrote {path}")
+        paths = export(spec, Path(out or Path("out") / spec.name), formats, opset, weights)
     except DeployError as exc:
         _fail(exc)
+    for path in paths:
+        console.print(f"wrote {path}")
 
 
 @app.command()
@@ -402,20 +327,10 @@ def convert(
     fp16: Fp16Opt = False,
 ) -> None:
     """Convert a TorchScript or ONNX file to ncnn .param/.bin."""
-    from .convert import convert as run_convert
-    from .spec import parse_shape
+    from .convert import convert_file
 
     try:
-        if not file.is_file():
-            raise SpecError(f"{file} does not exist")
-        if converter is None:
-            converter = "pnnx" if file.suffix == ".pt" else "pnnx-onnx"
-        if converter.startswith("pnnx") and input_shape is None:
-            raise SpecError("pnnx needs the input shape: pass --input-shape 1,3,224,224")
-        shape = parse_shape(input_shape) if input_shape else (1, 3, 224, 224)
-        result = run_convert(
-            file, out or file.parent, converter, shape, fp16_weights=fp16, onnx2ncnn=onnx2ncnn
-        )
+        result = convert_file(file, converter, input_shape, out, fp16_weights=fp16, onnx2ncnn=onnx2ncnn)
     except DeployError as exc:
         _fail(exc)
     console.print(
@@ -426,30 +341,12 @@ def convert(
 
 @app.command()
 def doctor() -> None:
-    """Versions of every tool, Vulkan devices, and which converters are present."""
-    from .backends import RUNNERS
-    from .backends.ncnn_cpp import ncnn_cmake_dir
-    from .backends.ncnn_runner import vulkan_device_name
-    from .convert import find_onnx2ncnn, find_pnnx
-    from .pipeline import versions
+    """Versions of every tool, Vulkan devices, converters, and which backends can run here."""
+    from .doctor import facts
 
-    for name, ver in versions().items():
-        console.print(f"{name:12} {ver or '[red]not installed[/]'}")
-    device = vulkan_device_name()
-    console.print(
-        f"{'vulkan':12} {device or '[yellow]no device[/] (apt-get install libvulkan1 mesa-vulkan-drivers)'}"
-    )
-    console.print(f"{'pnnx binary':12} {find_pnnx() or '[red]missing[/]'}")
-    console.print(
-        f"{'onnx2ncnn':12} {find_onnx2ncnn() or '[yellow]not on PATH[/] (use --converter pnnx-onnx)'}"
-    )
-    libncnn = ncnn_cmake_dir() or "[yellow]not built[/] (make ncnn; needed by ncnn-cpp and bundles)"
-    console.print(f"{'libncnn':12} {libncnn}")
-    for name, cls in RUNNERS.items():
-        ok, reason = cls.available()
-        console.print(
-            f"backend {name:12} {'[green]available[/]' if ok else '[yellow]unavailable[/]: ' + reason}"
-        )
+    for fact in facts():
+        value = fact.value if fact.ok else f"[yellow]{fact.value}[/]"
+        console.print(f"{fact.name:20} {value}", highlight=False)
 
 
 @app.command()
@@ -457,15 +354,22 @@ def models() -> None:
     """List the model specs in models/."""
     from .spec import available_models
 
-    for name in available_models():
-        spec = load_spec(name)
-        console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {spec.factory}")
+    try:
+        for name in available_models():
+            spec = load_spec(name)
+            console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {spec.factory}")
+    except DeployError as exc:
+        _fail(exc)
 
 
 @app.callback(invoke_without_command=True)
 def _main(
     version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines on stderr")] = False,
 ) -> None:
+    from . import progress
+
+    progress.configure(quiet=quiet)
     if version:
         console.print(f"deploytool {__version__}")
         raise typer.Exit(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +11,11 @@ from pathlib import Path
 from .atomic import temp_path_for
 from .errors import BackendUnavailable, ConvertError, SpecError
 from .ncnn_param import read_param
+from .progress import step
+from .tools import run_tool
 
 CONVERTERS = ("pnnx", "pnnx-onnx", "onnx2ncnn")
+TOOL_TIMEOUT_S = 1800  # a converter that runs for 30 minutes is hung
 
 
 @dataclass
@@ -47,24 +49,52 @@ def shape_arg(shape: tuple[int, ...]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]f32"
 
 
-def _run_tool(cmd: list[str], log: Path, cwd: Path, stage: str) -> None:
-    """Run an external tool, keep its output in `log`, raise ConvertError on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        try:
-            proc = subprocess.run(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, timeout=1800)
-        except OSError as exc:
-            raise ConvertError(f"{stage}: could not start {cmd[0]}: {exc}") from exc
-        except subprocess.TimeoutExpired:
-            raise ConvertError(f"{stage}: {cmd[0]} timed out after 30 minutes; log: {log}") from None
-    if proc.returncode != 0:
-        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-        hint = f" (last line: {tail[0].strip()[:200]})" if tail else ""
-        raise ConvertError(
-            f"{stage}: {Path(cmd[0]).name} exited with code {proc.returncode}{hint}; log: {log}"
-        )
+def _command(
+    converter: str,
+    source: Path,
+    out_dir: Path,
+    tmp_param: Path,
+    tmp_bin: Path,
+    input_shape: tuple[int, ...],
+    input_shape2: tuple[int, ...] | None,
+    fp16_weights: bool,
+    moduleop: list[str] | None,
+    onnx2ncnn: str | None,
+) -> tuple[list[str], Path]:
+    """The converter's command line and the folder it runs in."""
+    if converter == "onnx2ncnn":
+        tool = find_onnx2ncnn(onnx2ncnn)
+        if tool is None:
+            where = f"{onnx2ncnn} does not exist" if onnx2ncnn else "no onnx2ncnn on PATH"
+            raise BackendUnavailable(
+                f"converter onnx2ncnn is unavailable: {where} (ncnn no longer builds it by default); "
+                "pass --onnx2ncnn PATH or use --converter pnnx-onnx"
+            )
+        return [tool, str(source.resolve()), str(tmp_param.resolve()), str(tmp_bin.resolve())], out_dir
+    tool = find_pnnx()
+    if tool is None:
+        raise BackendUnavailable("pnnx is not installed; pip install pnnx")
+    work = out_dir / "pnnx"
+    work.mkdir(exist_ok=True)
+    stem = work.resolve() / "model"
+    cmd = [
+        tool,
+        str(source.resolve()),
+        f"inputshape={shape_arg(input_shape)}",
+        f"fp16={int(fp16_weights)}",
+        f"ncnnparam={tmp_param.resolve()}",
+        f"ncnnbin={tmp_bin.resolve()}",
+        f"pnnxparam={stem}.pnnx.param",
+        f"pnnxbin={stem}.pnnx.bin",
+        f"pnnxpy={stem}_pnnx.py",
+        f"pnnxonnx={stem}.pnnx.onnx",
+        f"ncnnpy={stem}_ncnn.py",
+    ]
+    if input_shape2 is not None:
+        cmd.append(f"inputshape2={shape_arg(input_shape2)}")
+    if moduleop:
+        cmd.append("moduleop=" + ",".join(moduleop))
+    return cmd, work
 
 
 def _finish(tmp_param: Path, tmp_bin: Path, param: Path, bin_: Path, stage: str, log: Path) -> None:
@@ -96,54 +126,63 @@ def convert(
     param, bin_ = out_dir / "model.ncnn.param", out_dir / "model.ncnn.bin"
     tmp_param, tmp_bin = temp_path_for(param), temp_path_for(bin_)
     log = out_dir / "logs" / f"{converter}.log"
-    try:
-        if converter == "onnx2ncnn":
-            tool = find_onnx2ncnn(onnx2ncnn)
-            if tool is None:
-                where = f"{onnx2ncnn} does not exist" if onnx2ncnn else "no onnx2ncnn on PATH"
-                raise BackendUnavailable(
-                    f"converter onnx2ncnn is unavailable: {where} (ncnn no longer builds it by default); "
-                    "pass --onnx2ncnn PATH or use --converter pnnx-onnx"
-                )
-            _run_tool(
-                [tool, str(source.resolve()), str(tmp_param.resolve()), str(tmp_bin.resolve())],
-                log,
+    stage = f"convert ({converter})"
+    with step(stage):
+        try:
+            cmd, cwd = _command(
+                converter,
+                source,
                 out_dir,
-                "convert (onnx2ncnn)",
+                tmp_param,
+                tmp_bin,
+                input_shape,
+                input_shape2,
+                fp16_weights,
+                moduleop,
+                onnx2ncnn,
             )
-        else:
-            tool = find_pnnx()
-            if tool is None:
-                raise BackendUnavailable("pnnx is not installed; pip install pnnx")
-            work = out_dir / "pnnx"
-            work.mkdir(exist_ok=True)
-            stem = work.resolve() / "model"
-            cmd = [
-                tool,
-                str(source.resolve()),
-                f"inputshape={shape_arg(input_shape)}",
-                f"fp16={int(fp16_weights)}",
-                f"ncnnparam={tmp_param.resolve()}",
-                f"ncnnbin={tmp_bin.resolve()}",
-                f"pnnxparam={stem}.pnnx.param",
-                f"pnnxbin={stem}.pnnx.bin",
-                f"pnnxpy={stem}_pnnx.py",
-                f"pnnxonnx={stem}.pnnx.onnx",
-                f"ncnnpy={stem}_ncnn.py",
-            ]
-            if input_shape2 is not None:
-                cmd.append(f"inputshape2={shape_arg(input_shape2)}")
-            if moduleop:
-                cmd.append("moduleop=" + ",".join(moduleop))
-            _run_tool(cmd, log, work, f"convert ({converter})")
-        _finish(tmp_param, tmp_bin, param, bin_, f"convert ({converter})", log)
-    finally:
-        for tmp in (tmp_param, tmp_bin):
-            if tmp.exists():
-                tmp.unlink()
+            run_tool(cmd, log, stage, cwd=cwd, timeout=TOOL_TIMEOUT_S, error=ConvertError)
+            _finish(tmp_param, tmp_bin, param, bin_, stage, log)
+        finally:
+            for tmp in (tmp_param, tmp_bin):
+                if tmp.exists():
+                    tmp.unlink()
     graph = read_param(param)
     return Converted(
         param, bin_, converter, log, graph.input_names, graph.output_names, input_shape2 is not None
+    )
+
+
+def convert_file(
+    file: Path,
+    converter: str | None = None,
+    input_shape: str | None = None,
+    out: Path | None = None,
+    *,
+    fp16_weights: bool = False,
+    onnx2ncnn: str | None = None,
+) -> Converted:
+    """`deploytool convert`: `file` (.pt or .onnx) to ncnn in `out` (default: beside the file).
+
+    The converter defaults to pnnx for .pt and pnnx-onnx otherwise; pnnx needs `input_shape`
+    ("1,3,224,224"), onnx2ncnn does not."""
+    from .spec import parse_shape
+
+    file = Path(file)
+    if not file.is_file():
+        raise SpecError(f"{file} does not exist")
+    if converter is None:
+        converter = "pnnx" if file.suffix == ".pt" else "pnnx-onnx"
+    if converter.startswith("pnnx") and input_shape is None:
+        raise SpecError("pnnx needs the input shape: pass --input-shape 1,3,224,224")
+    shape = parse_shape(input_shape) if input_shape else (1, 3, 224, 224)
+    return convert(
+        file,
+        Path(out) if out else file.parent,
+        converter,
+        shape,
+        fp16_weights=fp16_weights,
+        onnx2ncnn=onnx2ncnn,
     )
 
 

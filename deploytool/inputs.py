@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SpecError
+from .results import InputItem
 from .spec import ModelSpec, Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -36,6 +37,13 @@ def default_images() -> list[Path]:
     """The photos shipped in images/ (./images when run from a checkout)."""
     here = Path.cwd() / "images"
     return [here if here.is_dir() else Path(__file__).resolve().parent.parent / "images"]
+
+
+def images_or_default(images: list[Path] | None, task: str) -> tuple[Path, ...]:
+    """The user's --images, else the bundled photos for image models; none for raw models."""
+    if images:
+        return tuple(images)
+    return () if task == "raw" else tuple(default_images())
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -104,16 +112,30 @@ def preprocess(img_bgr: np.ndarray, pre: Preprocess, width: int, height: int) ->
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), geom
 
 
-def load_inputs(spec: ModelSpec, images: list[Path], shape: tuple[int, ...] | None = None):
-    """[(image path, feed dict, geometry)] for every image, at `shape` (default: the spec's)."""
-    shape = shape or spec.input_shape
-    if len(shape) != 4 or shape[1] != 3:
-        raise SpecError(f"image inputs need a shape like 1,3,H,W; got {','.join(map(str, shape))}")
-    height, width = shape[2], shape[3]
+def load_inputs(spec: ModelSpec, images: list[Path], shape: tuple[int, ...] | None = None) -> list[InputItem]:
+    """Every image preprocessed per the spec, at `shape` (default: the spec's input shape; another
+    shape is recorded as the item's dynamic size)."""
+    target = shape or spec.input_shape
+    if len(target) != 4 or target[1] != 3:
+        raise SpecError(f"image inputs need a shape like 1,3,H,W; got {','.join(map(str, target))}")
+    height, width = target[2], target[3]
     items = []
     for path in collect_images(images):
         x, geom = preprocess(read_image(path), spec.preprocess, width, height)
-        items.append((path, {spec.input_name: x}, geom))
+        size = (height, width) if shape is not None else None
+        items.append(InputItem(str(path), {spec.input_name: x}, geom, Path(path), size))
+    return items
+
+
+def inputs_for(spec: ModelSpec, images: list[Path], dynamic: bool = True) -> list[InputItem]:
+    """The photos preprocessed per the spec at its input shape and then (with `dynamic`) at each of
+    its dynamic shapes; without photos, one seeded random input."""
+    if not images:
+        return [InputItem("random(seed=0)", random_input(spec))]
+    found = collect_images(images)
+    items = load_inputs(spec, found)
+    for shape in spec.dynamic_shapes if dynamic else []:
+        items += load_inputs(spec, found, shape)
     return items
 
 

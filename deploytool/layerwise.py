@@ -12,12 +12,15 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import atomic_path
 from .interpreter import NcnnInterpreter
+from .judge import compare_tensors
 from .ncnn_param import NcnnGraph
+from .results import LayerRow
+from .spec import Tolerance
 
 
 @dataclass
 class LayerResult:
-    """One blob of two runs of the same graph, compared."""
+    """One blob of two runs of the same graph, compared (judge.compare_tensors)."""
 
     blob: str
     layer: str
@@ -28,24 +31,6 @@ class LayerResult:
     passed: bool
     required_atol: float  # the smallest atol (added to peak_rtol * peak) that passes at the rtol given
     peak_rel: float  # max |a - b| / max |b|: the error against the blob's range
-
-
-def _metrics(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, peak_rtol: float) -> tuple:
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    b = np.asarray(b, dtype=np.float64).reshape(-1)
-    if a.size == 0:
-        return 0.0, 0.0, 1.0, True, 0.0, 0.0
-    diff = np.abs(a - b)
-    peak = float(np.abs(b).max())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / np.abs(b))
-    norm = np.linalg.norm(a) * np.linalg.norm(b)
-    cosine = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
-    slack = diff - rtol * np.abs(b) - peak_rtol * peak
-    required = float(slack.max().clip(min=0.0)) if np.all(np.isfinite(slack)) else np.inf
-    passed = bool(np.all(slack <= atol))
-    peak_rel = float(diff.max() / peak) if peak > 0 else float(diff.max() > 0) * np.inf
-    return float(diff.max()), float(rel.max()), cosine, passed, required, peak_rel
 
 
 def _producers(graph: NcnnGraph) -> dict[str, object]:
@@ -68,23 +53,19 @@ def compare_blobs(
     (fp16), whose error scales with the blob's range rather than with each element.
     """
     producers = _producers(graph)
+    tol = Tolerance(atol, rtol, peak_rtol)
     results = []
     for layer in graph.layers:
         for blob in layer.tops:
             if blob not in a or blob not in b:
                 continue
-            x, y = np.asarray(a[blob]), np.asarray(b[blob])
-            if x.shape != y.shape:
-                if x.size == y.size and np.squeeze(x).shape == np.squeeze(y).shape:
-                    x = x.reshape(y.shape)  # a leading batch axis of 1 on one side only
-                else:
-                    results.append(
-                        LayerResult(blob, layer.name, layer.type, np.inf, np.inf, 0.0, False, np.inf, np.inf)
-                    )
-                    continue
+            ident = {"backend": "", "reference": "", "input": "", "output": blob}
+            c = compare_tensors(np.asarray(b[blob]), np.asarray(a[blob]), tol, **ident)
             owner = producers[blob]
-            metrics = _metrics(x, y, atol, rtol, peak_rtol)
-            results.append(LayerResult(blob, owner.name, owner.type, *metrics))
+            results.append(
+                LayerResult(blob, owner.name, owner.type, c.max_abs, c.max_rel, c.cosine, c.passed,
+                            c.min_atol, c.peak_rel)
+            )  # fmt: skip
     return results
 
 
@@ -276,29 +257,25 @@ FP16_PEAK_RTOL = 1e-2  # fp16 storage (Vulkan, ncnn fp16 mode): measured ≤ 2.5
 MATCH_ATOL = MATCH_RTOL = 1e-3  # torch tensor vs ncnn blob, values compared elementwise
 
 
-def _row(name: str, index: dict, r, passed: bool, **extra) -> dict:
-    return {
-        "comparison": name,
-        "index": index[r.layer],
-        "blob": r.blob,
-        "layer": r.layer,
-        "type": r.layer_type,
-        "max_abs": r.max_abs,
-        "passed": passed,
-        **extra,
-    }
-
-
-def _rows(name: str, graph: NcnnGraph, results: list[LayerResult]) -> list[dict]:
+def _rows(name: str, graph: NcnnGraph, results: list[LayerResult]) -> list[LayerRow]:
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
-    return [_row(name, index, r, r.passed, peak_rel=r.peak_rel) for r in results]
+    return [
+        LayerRow(
+            name, index[r.layer], r.blob, r.layer, r.layer_type, r.max_abs, r.passed, peak_rel=r.peak_rel
+        )
+        for r in results
+    ]
 
 
 def _match_rows(
     name: str, graph: NcnnGraph, matches: list[BlobMatch], blamed: BlobMatch | None
-) -> list[dict]:
+) -> list[LayerRow]:
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
-    return [_row(name, index, m, m is not blamed and m.explained, torch_op=m.torch_op) for m in matches]
+    return [
+        LayerRow(name, index[m.layer], m.blob, m.layer, m.layer_type, m.max_abs,
+                 m is not blamed and m.explained, torch_op=m.torch_op)
+        for m in matches
+    ]  # fmt: skip
 
 
 def layerwise(
@@ -309,7 +286,7 @@ def layerwise(
     vulkan: bool = False,
     precision: str = "fp32",
     threads: int = 2,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[LayerRow], dict[str, LayerRow | None]]:
     """Per-blob comparisons of one input through the graph: ncnn-cpu vs the float64 interpreter
     (kernels), and when given, torch vs ncnn-cpu and torch vs interpreter (the conversion), and
     ncnn-vulkan vs ncnn-cpu. Returns (rows in graph order, {comparison: first failing row or None})."""
@@ -342,9 +319,9 @@ def layerwise(
             graph,
             compare_blobs(gpu_blobs, cpu_blobs, graph, 0.0, 0.0, peak_rtol=FP16_PEAK_RTOL),
         )
-    first = {}
+    first: dict[str, LayerRow | None] = {}
     for row in rows:
-        first.setdefault(row["comparison"], None)
-        if not row["passed"] and first[row["comparison"]] is None:
-            first[row["comparison"]] = row
+        first.setdefault(row.comparison, None)
+        if not row.passed and first[row.comparison] is None:
+            first[row.comparison] = row
     return rows, first

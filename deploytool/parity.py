@@ -3,41 +3,34 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_path
-from .backends import REFERENCE, RUNNERS, Artifacts
+from .backends import BACKENDS, REFERENCE, Artifacts, get_backend, select_backends
 from .bundle import TASKS, meta_for
 from .errors import SpecError
-from .inputs import default_images
+from .inputs import default_images, inputs_for
 from .ncnn_param import read_param
-from .pipeline import (
-    RunOptions,
-    StageTimer,
-    infer_all,
-    inputs_for,
-    select_backends,
-    summarize,
-    versions,
-)
+from .pipeline import RunOptions, StageTimer, infer_all, judge_run, versions
+from .results import BackendResult, InputItem, RunReport
 from .spec import ModelSpec, build_model, load_spec, parse_shape
 
 GOLDEN = "golden"
-NEEDS = {
-    "torchscript": "torchscript",
-    "onnxruntime": "onnx",
-    "ncnn-cpu": "ncnn_param",
-    "ncnn-vulkan": "ncnn_param",
-}
 
 
-@dataclass
-class ParityOptions(RunOptions):
-    """RunOptions plus what only `parity` takes."""
+@dataclass(frozen=True)
+class ParityOptions:
+    """Everything `deploytool parity` takes besides the target; not changed after parsing."""
 
+    backends: str | None = None
+    images: tuple[Path, ...] = ()
+    weights: str | None = None
+    ncnn_precision: str = "fp32"
+    threads: int = 2
+    save_vis: Path | None = None
     model: str | None = None  # spec of the model the artifacts came from (enables the torch reference)
     input_shape: str | None = None
     inputs_npz: Path | None = None
@@ -45,6 +38,12 @@ class ParityOptions(RunOptions):
     save_golden: Path | None = None
     reference: str | None = None
     layerwise: bool = False
+
+    def run_options(self, out: Path) -> RunOptions:
+        return RunOptions(
+            out=out, backends=self.backends, images=self.images, weights=self.weights,
+            ncnn_precision=self.ncnn_precision, threads=self.threads, save_vis=self.save_vis,
+        )  # fmt: skip
 
 
 def locate(target: Path) -> tuple[Artifacts, str | None]:
@@ -109,42 +108,52 @@ def _synth_spec(art: Artifacts, name: str, shape: tuple[int, ...] | None) -> Mod
 
 
 def _pick_reference(opts: ParityOptions, art: Artifacts, has_spec: bool) -> str:
+    """--golden, --reference, torch when the spec is known, else the first backend (in the registry's
+    order) whose files are here."""
     if opts.golden is not None:
         return GOLDEN
     if opts.reference is not None:
-        if opts.reference not in RUNNERS:
-            raise SpecError(f"unknown --reference {opts.reference!r}; choose from {', '.join(RUNNERS)}")
-        return opts.reference
+        return get_backend(opts.reference).name
     if has_spec:
         return REFERENCE
-    for backend in ("torchscript", "onnxruntime", "ncnn-cpu"):
-        if getattr(art, NEEDS[backend]) is not None:
-            return backend
+    for backend in BACKENDS.values():
+        if backend.name != REFERENCE and not backend.missing(art):
+            return backend.name
     raise SpecError("nothing to use as the reference; pass --model, --golden or --reference")
 
 
-def run_parity(target: Path, opts: ParityOptions) -> dict:
-    """Compare backends on existing artifacts; write a golden file if asked. Returns report.json's dict."""
+def _default_backends(art: Artifacts, reference: str) -> list[str]:
+    """The standard backends (run's and bench's sets) whose files are here."""
+    return [
+        b.name
+        for b in BACKENDS.values()
+        if (b.default or b.bench) and b.name not in (REFERENCE, reference) and not b.missing(art)
+    ]
+
+
+def run_parity(target: Path, opts: ParityOptions) -> RunReport:
+    """Compare backends on existing artifacts; write a golden file if asked."""
     timer = StageTimer()
     art, recorded = locate(target)
+    folder = Path(target) if Path(target).is_dir() else Path(target).parent
     model = opts.model or recorded
     shape = parse_shape(opts.input_shape) if opts.input_shape else None
-    if model is not None:
-        spec = load_spec(model, opts.input_shape)
-    else:
-        spec = _synth_spec(art, Path(target).stem, shape)
+    spec = (
+        load_spec(model, opts.input_shape)
+        if model is not None
+        else _synth_spec(art, Path(target).stem, shape)
+    )
     reference = _pick_reference(opts, art, model is not None)
     if art.meta is None and art.ncnn_param is not None and model is not None and spec.task in TASKS:
         art.meta = meta_for(spec, art.ncnn_param, num_classes=spec.factory_args.get("num_classes"))
-    # the default set leaves out ncnn-cpp, as `run` does: it needs libncnn built (`make ncnn`)
-    default = [b for b in NEEDS if getattr(art, NEEDS[b]) is not None and b != "ncnn-cpp"]
-    backends, info = select_backends(opts.backends, reference, default=default)
+    backends, found = select_backends(opts.backends, reference, default=_default_backends(art, reference))
     for backend in backends:
-        if backend in NEEDS and getattr(art, NEEDS[backend]) is None:
+        missing = [m for m in get_backend(backend).missing(art) if m != "model"]
+        if missing:
             raise SpecError(
-                f"{target} has no {NEEDS[backend]} file for backend {backend}; drop it from --backends"
+                f"{target} has no {missing[0]} file for backend {backend}; drop it from --backends"
             )
-    if "torch" in backends:
+    if REFERENCE in backends:
         if model is None:
             raise SpecError("the torch backend needs the model: pass --model")
         with timer.stage("load"):
@@ -153,19 +162,17 @@ def run_parity(target: Path, opts: ParityOptions) -> dict:
     preset: dict[str, list[dict]] = {}
     if opts.golden is not None:
         items, preset[GOLDEN], meta = read_golden(opts.golden)
-        info[GOLDEN] = {
-            "available": True,
-            "reason": None,
-            "device": meta.get("reference"),
-            "file": str(opts.golden),
-        }
-        spec.output_names = list(preset[GOLDEN][0])
-        first = items[0][1]
+        found[GOLDEN] = (True, None)
+        first = items[0].feed
+        changes = {"output_names": list(preset[GOLDEN][0])}
         if len(first) == 1:
-            spec.input_name = next(iter(first))
-            spec.input_shape = tuple(first[spec.input_name].shape)
+            name = next(iter(first))
+            changes.update(input_name=name, input_shape=tuple(first[name].shape))
+        spec = replace(spec, **changes)
     elif opts.inputs_npz is not None:
-        items = [_npz_item(opts.inputs_npz, spec)]
+        item = _npz_item(opts.inputs_npz, spec)
+        spec = replace(spec, input_shape=tuple(item.tensor.shape))
+        items = [item]
     elif opts.images and model is None:
         raise SpecError("--images needs --model (its spec says how to preprocess); or pass --inputs FILE.npz")
     elif model is None and shape is None:
@@ -175,48 +182,46 @@ def run_parity(target: Path, opts: ParityOptions) -> dict:
         )
     else:
         if shape is not None:
-            spec.input_shape = shape
-        if not opts.images and model is not None and spec.task != "raw":
-            opts.images = default_images()
-        items = inputs_for(spec, opts)
+            spec = replace(spec, input_shape=shape)
+        images = list(opts.images)
+        if not images and model is not None and spec.task != "raw":
+            images = default_images()
+        items = inputs_for(spec, images)
 
-    results = dict(preset)
-    results.update(infer_all(spec, art, opts, backends, info, items, timer))
+    run_opts = opts.run_options(folder)
+    outputs = dict(preset)
+    new_outputs, results = infer_all(spec, art, run_opts, backends, items, timer)
+    outputs.update(new_outputs)
     if opts.save_golden is not None:
         write_golden(
-            opts.save_golden, items, results[reference], {"model": spec.name, "reference": reference}
+            opts.save_golden, items, outputs[reference], {"model": spec.name, "reference": reference}
         )
-    report = summarize(spec, art, opts, info, items, results, timer, reference)
+    report = judge_run(spec, art, run_opts, items, outputs, results, timer, reference, found)
+    if opts.golden is not None:
+        golden = report.backends.setdefault(GOLDEN, BackendResult(GOLDEN))
+        golden.device, golden.extra = meta.get("reference"), {"file": str(opts.golden)}
     if opts.layerwise:
         if art.ncnn_param is None:
             raise SpecError(f"--layerwise compares ncnn blobs, but {target} has no .param")
         from .layerwise import layerwise
 
         with timer.stage("layerwise"):
-            rows, first = layerwise(
-                art.ncnn_param,
-                art.ncnn_bin,
-                items[0][1],
-                art.model,
-                vulkan="ncnn-vulkan" in backends,
-                precision=opts.ncnn_precision,
-                threads=opts.threads,
-            )
-        report["layers"] = rows
-        report["layerwise"] = {"input": str(items[0][0]), "first_failure": first}
-        report["passed"] = report["passed"] and all(v is None for v in first.values())
+            report.layers, report.first_failure = layerwise(
+                art.ncnn_param, art.ncnn_bin, items[0].feed, art.model, vulkan="ncnn-vulkan" in backends,
+                precision=opts.ncnn_precision, threads=opts.threads,
+            )  # fmt: skip
+        report.layer_input = items[0].label
     return report
 
 
-def _npz_item(path: Path, spec: ModelSpec):
+def _npz_item(path: Path, spec: ModelSpec) -> InputItem:
     arrays = _load_npz(path)
     if spec.input_name not in arrays:
         if len(arrays) != 1:
             raise SpecError(f"{path} holds {sorted(arrays)}; it needs an array named {spec.input_name!r}")
         arrays = {spec.input_name: next(iter(arrays.values()))}
     x = np.ascontiguousarray(arrays[spec.input_name], dtype=np.float32)
-    spec.input_shape = tuple(x.shape)
-    return (str(path), {spec.input_name: x}, None)
+    return InputItem(str(path), {spec.input_name: x})
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -230,13 +235,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise SpecError(f"{path} is not a readable .npz file ({exc})") from None
 
 
-def write_golden(path: Path, items: list, outputs: list[dict], meta: dict) -> Path:
+def write_golden(path: Path, items: list[InputItem], outputs: list[dict], meta: dict) -> Path:
     """Store inputs and the reference's outputs, so another machine or version can be checked against them."""
     arrays: dict[str, np.ndarray] = {}
     labels = []
-    for i, ((label, feed, _), out) in enumerate(zip(items, outputs, strict=True)):
-        labels.append(str(label))
-        arrays.update({f"in{i}/{k}": v for k, v in feed.items()})
+    for i, (item, out) in enumerate(zip(items, outputs, strict=True)):
+        labels.append(item.label)
+        arrays.update({f"in{i}/{k}": v for k, v in item.feed.items()})
         arrays.update({f"out{i}/{k}": v for k, v in out.items()})
     meta = dict(meta, golden=1, labels=labels, versions=versions())
     arrays["meta"] = np.array(json.dumps(meta))
@@ -245,7 +250,7 @@ def write_golden(path: Path, items: list, outputs: list[dict], meta: dict) -> Pa
     return Path(path)
 
 
-def read_golden(path: Path) -> tuple[list, list[dict], dict]:
+def read_golden(path: Path) -> tuple[list[InputItem], list[dict], dict]:
     """(items, reference outputs, meta) from a golden file written by write_golden."""
     arrays = _load_npz(path)
     try:
@@ -259,6 +264,6 @@ def read_golden(path: Path) -> tuple[list, list[dict], dict]:
     for i, label in enumerate(labels):
         feed = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"in{i}/")}
         outs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"out{i}/")}
-        items.append((label, feed, None))
+        items.append(InputItem(str(label), feed))
         outputs.append(outs)
     return items, outputs, meta

@@ -1,4 +1,4 @@
-"""Render a run's report: console table, report.json, JUnit XML."""
+"""Render a run's report: console table, report.json, JUnit XML, Markdown (+ plots.py's PNGs)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .atomic import write_text
+from .results import RunReport, TensorComparison
 
 
 def fmt(v, spec: str = ".3g") -> str:
@@ -21,9 +22,9 @@ def fmt(v, spec: str = ".3g") -> str:
     return format(v, spec)
 
 
-def console_summary(report: dict, console: Console) -> None:
+def console_summary(report: RunReport, console: Console) -> None:
     """The parity table (worst case per backend and output), task agreement and stage timings."""
-    table = Table(title=f"{report['model']}: parity against {_reference(report)}")
+    table = Table(title=f"{report.model}: parity against {report.reference}")
     for col in (
         "backend",
         "output",
@@ -36,70 +37,72 @@ def console_summary(report: dict, console: Console) -> None:
         "result",
     ):
         table.add_column(col, justify="right" if col not in ("backend", "output", "result") else "left")
-    for (backend, output), rows in _group(report["comparisons"]).items():
-        worst = max(rows, key=lambda r: _num(r["max_abs"]))
-        ok = all(r["passed"] for r in rows)
+    for (backend, output), rows in _group(report.comparisons).items():
+        worst = max(rows, key=lambda r: _num(r.max_abs))
+        ok = all(r.passed for r in rows)
         table.add_row(
             backend,
             output,
             str(len(rows)),
-            fmt(worst["max_abs"]),
-            fmt(worst["max_rel"]),
-            fmt(min(_num(r["cosine"]) for r in rows)),
-            f"{worst['atol']:.0e}/{worst['rtol']:.0e}",
-            fmt(max(_num(r["min_atol"]) for r in rows)),
-            "[green]pass[/]"
-            if ok
-            else "[red]FAIL[/]" + (f" ({worst['reason']})" if worst.get("reason") else ""),
+            fmt(worst.max_abs),
+            fmt(worst.max_rel),
+            fmt(min(_num(r.cosine) for r in rows)),
+            f"{worst.atol:.0e}/{worst.rtol:.0e}",
+            fmt(max(_num(r.min_atol) for r in rows)),
+            "[green]pass[/]" if ok else "[red]FAIL[/]" + (f" ({worst.reason})" if worst.reason else ""),
         )
     console.print(table)
-    for backend, t in report.get("task", {}).items():
-        keys = [k for k in t if k.endswith("_agreement")]
-        text = ", ".join(f"{k} {t[k]:.2f}" for k in keys)
-        console.print(f"  {backend}: {text} [{'green]pass' if t.get('passed', True) else 'red]FAIL'}[/]")
-        for item in t.get("per_input", []):
+    for backend, t in report.task.items():
+        text = ", ".join(f"{k} {v:.2f}" for k, v in t.metrics().items())
+        console.print(f"  {backend}: {text} [{'green]pass' if t.passed else 'red]FAIL'}[/]")
+        for item in t.per_input:
             for line in item.get("failures", [])[:3]:
                 console.print(f"    [red]{item['input']}[/]: {line}", highlight=False)
-    for name, info in report["backends"].items():
-        if not info["available"]:
-            console.print(f"  [yellow]skipped {name}[/]: {info['reason']}")
-        elif info.get("latency_ms_median") is not None:
-            dev = f" on {info['device']}" if info.get("device") not in (None, "cpu") else ""
-            pre = info.get("preprocess_max_abs")
-            note = f"; its own preprocessing vs Python's: max_abs {fmt(pre)}" if pre is not None else ""
-            console.print(f"  {name}{dev}: median {info['latency_ms_median']:.2f} ms per inference{note}")
-    if report.get("layers"):
+    for name, info in report.backends.items():
+        if not info.available:
+            console.print(f"  [yellow]skipped {name}[/]: {info.reason}")
+        elif info.latency_ms_median is not None:
+            dev = f" on {info.device}" if info.device not in (None, "cpu") else ""
+            console.print(
+                f"  {name}{dev}: {info.latency_ms_median:.2f} ms per inference ({info.latency_method})"
+            )
+            pre = info.extra.get("preprocess_max_abs")
+            if pre is not None:
+                console.print(f"  {name}: its own preprocessing vs Python's: max_abs {fmt(pre)}")
+    if any(b.latency_ms_median is not None for b in report.backends.values()):
+        console.print(
+            "  (latencies are indicative: `deploytool bench` times every backend in a fresh process)"
+        )
+    for note in report.notes:
+        console.print(f"  {note}", highlight=False, markup=False)
+    if report.layers:
         layer_table(report, console)
-    stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report["stages"].items())
+    stages = ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in report.stages.items())
     console.print(f"  stages: {stages}")
-    verdict = "[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]"
-    failed_tasks = [b for b, t in report.get("task", {}).items() if not t.get("passed", True)]
-    failed_layers = [n for n, f in report.get("layerwise", {}).get("first_failure", {}).items() if f]
+    verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
     extra = "".join(
         f"; {what} failed: {', '.join(names)}"
-        for what, names in (("task checks", failed_tasks), ("layer-wise", failed_layers))
+        for what, names in (("task checks", report.failed_tasks), ("layer-wise", report.failed_layerwise))
         if names
     )
-    console.print(
-        f"{verdict}: {sum(c['passed'] for c in report['comparisons'])}/{len(report['comparisons'])} "
-        f"tensor checks passed{extra}"
-    )
+    passed = sum(c.passed for c in report.comparisons)
+    console.print(f"{verdict}: {passed}/{len(report.comparisons)} tensor checks passed{extra}")
 
 
-def layer_table(report: dict, console: Console) -> None:
+def layer_table(report: RunReport, console: Console) -> None:
     """Blobs in graph order, one error column per layer-wise comparison; the first failure of each marked."""
-    rows = report["layers"]
-    names = list(dict.fromkeys(r["comparison"] for r in rows))
+    rows = report.layers
+    names = list(dict.fromkeys(r.comparison for r in rows))
     by_blob: dict[str, dict] = {}
     for r in rows:
-        by_blob.setdefault(r["blob"], {"row": r})[r["comparison"]] = r
-    firsts = report.get("layerwise", {}).get("first_failure", {})
+        by_blob.setdefault(r.blob, {"row": r})[r.comparison] = r
+    firsts = report.first_failure
     table = Table(title="per-layer max |Δ| (✗ = over tolerance, ◀ = first failure)")
     for col in ("#", "layer", "type", "blob"):
         table.add_column(col)
     for name in names:
         table.add_column(name, justify="right")
-    for blob, entry in sorted(by_blob.items(), key=lambda kv: kv[1]["row"]["index"]):
+    for blob, entry in sorted(by_blob.items(), key=lambda kv: kv[1]["row"].index):
         cells = []
         for name in names:
             r = entry.get(name)
@@ -107,118 +110,139 @@ def layer_table(report: dict, console: Console) -> None:
                 cells.append("")
                 continue
             first = firsts.get(name)
-            mark = " ◀" if first and first["blob"] == blob else (" ✗" if not r["passed"] else "")
-            style = "red" if not r["passed"] else ""
-            cells.append(f"[{style}]{fmt(r['max_abs'])}{mark}[/]" if style else fmt(r["max_abs"]) + mark)
+            mark = " ◀" if first and first.blob == blob else (" ✗" if not r.passed else "")
+            cells.append(f"[red]{fmt(r.max_abs)}{mark}[/]" if not r.passed else fmt(r.max_abs) + mark)
         row = entry["row"]
-        table.add_row(str(row["index"]), row["layer"], row["type"], blob, *cells)
+        table.add_row(str(row.index), row.layer, row.type, blob, *cells)
     console.print(table)
     for name in names:
         first = firsts.get(name)
         if first is None:
             console.print(f"  {name}: every blob within tolerance")
         else:
-            console.print(
-                f"  [red]{name}: first diverges at layer {first['layer']} ({first['type']}), "
-                f"blob {first['blob']}, max_abs {fmt(first['max_abs'])}[/]"
-            )
+            console.print(f"  [red]{name}: {_diverges(first)}[/]")
 
 
-def _reference(report: dict) -> str:
-    return report["comparisons"][0]["reference"] if report["comparisons"] else "torch"
+def _diverges(first, quote: str = "") -> str:
+    """`first diverges at layer L (Type), blob B, max_abs …`; Markdown quotes the names in backticks."""
+    where = f"layer {quote}{first.layer}{quote} ({first.type}), blob {quote}{first.blob}{quote}"
+    return f"first diverges at {where}, max_abs {fmt(first.max_abs)}"
 
 
 def _num(v) -> float:
     return float(v) if not isinstance(v, str) else float("inf")
 
 
-def _group(comparisons: list[dict]) -> dict:
+def _group(comparisons: list[TensorComparison]) -> dict[tuple[str, str], list[TensorComparison]]:
     groups: dict = {}
     for c in comparisons:
-        groups.setdefault((c["backend"], c["output"]), []).append(c)
+        groups.setdefault((c.backend, c.output), []).append(c)
     return groups
 
 
-def write_json(report: dict, path: Path | str) -> Path:
-    return write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+def write_json(report: RunReport, path: Path | str) -> Path:
+    return write_text(path, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
 
 
-def write_junit(report: dict, path: Path | str) -> Path:
-    """One testcase per (backend, input, output), plus one per task-level check."""
-    suite = ET.Element("testsuite", name=f"deploytool.{report['model']}")
+def write_junit(report: RunReport, path: Path | str) -> Path:
+    """One testcase per (backend, input, output), plus one per task-level and layer-wise check."""
+    suite = ET.Element("testsuite", name=f"deploytool.{report.model}")
     failures = 0
-    for c in report["comparisons"]:
+    for c in report.comparisons:
         case = ET.SubElement(
             suite,
             "testcase",
-            classname=f"{report['model']}.{c['backend']}",
-            name=f"{Path(c['input']).name}:{c['output']}",
+            classname=f"{report.model}.{c.backend}",
+            name=f"{Path(c.input).name}:{c.output}",
         )
-        if not c["passed"]:
+        if not c.passed:
             failures += 1
-            msg = c.get("reason") or (
-                f"max_abs {fmt(c['max_abs'])} max_rel {fmt(c['max_rel'])} exceeds atol {c['atol']} "
-                f"rtol {c['rtol']}; smallest passing atol {fmt(c['min_atol'])}"
+            msg = c.reason or (
+                f"max_abs {fmt(c.max_abs)} max_rel {fmt(c.max_rel)} exceeds atol {c.atol} "
+                f"rtol {c.rtol}; smallest passing atol {fmt(c.min_atol)}"
             )
             ET.SubElement(case, "failure", message=msg)
-    for backend, t in report.get("task", {}).items():
-        case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.{backend}", name="task")
-        if not t.get("passed", True):
+    for backend, t in report.task.items():
+        case = ET.SubElement(suite, "testcase", classname=f"{report.model}.{backend}", name="task")
+        if not t.passed:
             failures += 1
-            ET.SubElement(
-                case, "failure", message=json.dumps({k: v for k, v in t.items() if k != "per_input"})
-            )
-    for name, first in report.get("layerwise", {}).get("first_failure", {}).items():
-        case = ET.SubElement(suite, "testcase", classname=f"{report['model']}.layerwise", name=name)
+            ET.SubElement(case, "failure", message=json.dumps({**t.metrics(), "passed": t.passed}))
+    for name, first in report.first_failure.items():
+        case = ET.SubElement(suite, "testcase", classname=f"{report.model}.layerwise", name=name)
         if first is not None:
             failures += 1
-            msg = f"first diverges at layer {first['layer']} ({first['type']}), blob {first['blob']}"
-            ET.SubElement(case, "failure", message=msg)
+            ET.SubElement(case, "failure", message=_diverges(first))
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
-    suite.set("time", str(sum(s["seconds"] for s in report.get("stages", {}).values())))
+    suite.set("time", str(sum(s["seconds"] for s in report.stages.values())))
     ET.indent(suite)
     return write_text(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
 
 
-def write_markdown(report: dict, path: Path | str, pictures: list[Path] | None = None) -> Path:
+def write_markdown(report: RunReport, path: Path | str, pictures: list[Path] | None = None) -> Path:
     """A summary fit for a CI job page: verdict, worst error per backend and output, task agreement,
     the first failing layer, stage timings, and links to the PNG pictures."""
     path = Path(path)
-    ok = report["passed"]
-    lines = [f"# {report['model']}: {'passed' if ok else 'FAILED'}", ""]
-    lines += [f"Reference: `{_reference(report)}`. Check: |got − ref| ≤ atol + rtol·|ref| elementwise.", ""]
+    lines = [f"# {report.model}: {'passed' if report.passed else 'FAILED'}", ""]
+    lines += [f"Reference: `{report.reference}`. Check: |got − ref| ≤ atol + rtol·|ref| elementwise.", ""]
     lines += [
         "| backend | output | inputs | max_abs | max_rel | cosine | atol / rtol | smallest passing atol "
         "| result |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for (backend, output), rows in _group(report["comparisons"]).items():
-        worst = max(rows, key=lambda r: _num(r["max_abs"]))
-        passed = all(r["passed"] for r in rows)
+    for (backend, output), rows in _group(report.comparisons).items():
+        worst = max(rows, key=lambda r: _num(r.max_abs))
+        passed = all(r.passed for r in rows)
         lines.append(
-            f"| {backend} | {output} | {len(rows)} | {fmt(worst['max_abs'])} | {fmt(worst['max_rel'])} | "
-            f"{fmt(min(_num(r['cosine']) for r in rows))} | {worst['atol']:g} / {worst['rtol']:g} | "
-            f"{fmt(max(_num(r['min_atol']) for r in rows))} | {'pass' if passed else '**FAIL**'} |"
+            f"| {backend} | {output} | {len(rows)} | {fmt(worst.max_abs)} | {fmt(worst.max_rel)} | "
+            f"{fmt(min(_num(r.cosine) for r in rows))} | {worst.atol:g} / {worst.rtol:g} | "
+            f"{fmt(max(_num(r.min_atol) for r in rows))} | {'pass' if passed else '**FAIL**'} |"
         )
-    if report.get("task"):
+    if report.task:
         lines += ["", "| backend | task agreement | result |", "|---|---|---|"]
-        for backend, t in report["task"].items():
-            text = ", ".join(f"{k} {t[k]:.2f}" for k in t if k.endswith("_agreement"))
-            lines.append(f"| {backend} | {text} | {'pass' if t.get('passed', True) else '**FAIL**'} |")
-    for name, first in report.get("layerwise", {}).get("first_failure", {}).items():
-        where = (
-            "every blob within tolerance"
-            if first is None
-            else f"first diverges at `{first['layer']}` ({first['type']}), blob `{first['blob']}`, "
-            f"max_abs {fmt(first['max_abs'])}"
-        )
+        for backend, t in report.task.items():
+            text = ", ".join(f"{k} {v:.2f}" for k, v in t.metrics().items())
+            lines.append(f"| {backend} | {text} | {'pass' if t.passed else '**FAIL**'} |")
+    for name, first in report.first_failure.items():
+        where = "every blob within tolerance" if first is None else _diverges(first, "`")
         lines += ["", f"Layer-wise, {name}: {where}."]
-    skipped = [f"{n} ({i['reason']})" for n, i in report["backends"].items() if not i["available"]]
+    skipped = [f"{n} ({b.reason})" for n, b in report.backends.items() if not b.available]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped)]
-    stages = ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in report.get("stages", {}).items())
+    lines += [""] + [f"Note: {n}" for n in report.notes] if report.notes else []
+    stages = ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in report.stages.items())
     lines += ["", f"Stages: {stages}"]
     for pic in pictures or []:
         lines += ["", f"![{pic.stem}]({pic.name})"]
     return write_text(path, "\n".join(lines) + "\n")
+
+
+def write_outputs(
+    report: RunReport, folder: Path | None, json_path: Path | None = None, junit: Path | None = None,
+    markdown: Path | None = None,
+) -> list[Path]:  # fmt: skip
+    """report.json, junit.xml, report.md and its PNGs into the run folder, and wherever else asked;
+    returns the paths written."""
+    from . import plots
+
+    written = []
+    for path, writer in (
+        (folder and folder / "report.json", write_json),
+        (folder and folder / "junit.xml", write_junit),
+        (json_path, write_json),
+        (junit, write_junit),
+    ):
+        if path:
+            written.append(writer(report, path))
+    for md in (folder and folder / "report.md", markdown):
+        if md:
+            pictures = [
+                p
+                for p in (
+                    plots.error_histograms(report, md.parent / "errors.png"),
+                    plots.layer_curves(report, md.parent / "layers.png"),
+                )
+                if p
+            ]
+            written += [*pictures, write_markdown(report, md, pictures)]
+    return list(dict.fromkeys(written))

@@ -23,8 +23,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Tolerance:
+    """|got - ref| <= atol + rtol * |ref| + peak_rtol * max|ref|, elementwise. peak_rtol suits
+    reduced-precision storage, whose error scales with the tensor's range rather than each element."""
+
     atol: float
     rtol: float
+    peak_rtol: float = 0.0
 
 
 DEFAULT_TOLERANCES = {

@@ -12,20 +12,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from deploytool.atomic import write_text  # noqa: E402
-from deploytool.bench import (  # noqa: E402
-    DEFAULT_BUDGET,
-    BenchOptions,
-    bench_markdown,
-    bench_model,
-)
+from deploytool.bench import BenchOptions, bench_markdown, bench_model  # noqa: E402
 from deploytool.errors import DeployError  # noqa: E402
+from deploytool.judge import DEFAULT_BUDGET  # noqa: E402
 from deploytool.pipeline import versions  # noqa: E402
 from deploytool.spec import load_spec  # noqa: E402
 
 # Measured by hand on ResNet18, 2 threads, medians (issue 5).
 ANCHORS = {"onnxruntime": 18.4, "torchscript": 24.6, "ncnn-cpu/fp32": 13.1}
 AIM_RATIO = 0.5
-DETECT_BUDGET = "det=1.0"  # top-1 means nothing for a detector: every photo's detections must match
+DETECT_BUDGET = "detection_agreement=1"  # top-1 means nothing for a detector: every photo's detections match
 
 
 def _r(result: dict, name: str, threads: int) -> dict | None:
@@ -63,8 +59,9 @@ def method_section(result: dict) -> str:
         "- Threads: torch.set_num_threads, ONNX Runtime intra-op threads and ncnn's num_threads all equal "
         "the column `threads` (inter-op 1). Vulkan on llvmpipe uses llvmpipe's own worker threads.\n"
         "- Parity: every input photo through each backend once, compared with torch eager at the same "
-        "thread count; `max_abs` and `rel` (= max|got - ref| / max|ref|, per output) are the worst over "
-        "inputs; `top1` is the share of photos whose top-1 class matches torch; `det` (detect specs) the "
+        "thread count; `max_abs` and `peak_rel` (= max|got - ref| / max|ref|, per output) are the worst "
+        "over inputs; `top1_agreement` is the share of photos whose top-1 class matches torch; "
+        "`detection_agreement` (detect specs) the "
         "share whose detections match torch's (deploytool.detect.match_detections); detect specs are "
         f"judged with budget `{DETECT_BUDGET}`.\n"
         "- Memory: `peak RSS` of the worker process, in brackets what loading and running the model "
@@ -104,12 +101,13 @@ def comparison_section(result: dict) -> str:
     )
     lines.append("")
     if pick is None:
-        lines.append(f"No variant fits {DEFAULT_BUDGET} at 2 threads: {sel.get('reason')}")
+        lines.append(f"No variant fits {result['selection']['budget']} at 2 threads: {sel.get('reason')}")
         return "\n".join(lines) + "\n"
     ratio = pick["ratio_to_onnxruntime"]
     met = ratio <= AIM_RATIO
     lines.append(
-        f"Aim: the fastest variant within budget `{DEFAULT_BUDGET}` at <= {AIM_RATIO}x onnxruntime. "
+        f"Aim: the fastest variant within budget `{result['selection']['budget']}` at <= {AIM_RATIO}x "
+        "onnxruntime. "
         f"Pick: **{pick['name']}**, median {pick['latency_ms']['median']:.2f} ms = **{ratio:.2f}x** "
         f"onnxruntime at 2 threads: the aim is **{'met' if met else 'not met'}**.\n"
     )
@@ -121,7 +119,7 @@ def comparison_section(result: dict) -> str:
         gf = _gflops(result, r)
         lines.append(
             f"- {r['name']}: {r['latency_ms']['median']:.2f} ms, {r['ratio_to_onnxruntime']:.2f}x ORT, "
-            f"{gf:.0f} GFLOP/s, rel {p['rel']:.2g}, top-1 {p['top1']:.2f}{note}"
+            f"{gf:.0f} GFLOP/s, peak_rel {p['peak_rel']:.2g}, top1_agreement {p['top1_agreement']:.2f}{note}"
         )
     lines.append("")
     lines += explanation(result, ort, fp32, pick, met)
@@ -171,7 +169,7 @@ def explanation(result: dict, ort: dict, fp32: dict, pick: dict, met: bool) -> l
         r = by["bf16"]
         out.append(
             f"- bf16 storage (avx512_bf16: {_yes(m, 'avx512_bf16')}): "
-            f"{r['latency_ms']['median'] / base:.2f}x fp32's time at rel error {r['parity']['rel']:.2g} "
+            f"{r['latency_ms']['median'] / base:.2f}x fp32's time at peak_rel {r['parity']['peak_rel']:.2g} "
             "(bf16 keeps 8 mantissa bits, fp16 11)."
         )
     if "vulkan" in by:
@@ -214,17 +212,18 @@ def main() -> int:
             runs=args.runs,
             warmup=args.warmup,
             threads=threads,
-            images=[REPO / "images"],
+            images=(REPO / "images",),
             budget=DETECT_BUDGET if load_spec(name).task == "detect" else DEFAULT_BUDGET,
             retries=args.retries,
         )
         try:
-            result = bench_model(load_spec(name), opts)
+            report = bench_model(load_spec(name), opts)
         except DeployError as exc:
             sections.append(f"## {name}\n\nnot benched: {exc}\n")
             continue
+        result = report.to_dict()
         first = first or result
-        sections.append(f"## {name}\n\n" + bench_markdown(result))
+        sections.append(f"## {name}\n\n" + bench_markdown(report))
         if name == "resnet18":
             sections.append(comparison_section(result))
     if first is None:

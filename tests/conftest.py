@@ -39,5 +39,5 @@ def resnet_run(tmp_path_factory):
     from deploytool.spec import load_spec
 
     out = tmp_path_factory.mktemp("resnet18")
-    report = run(load_spec("resnet18"), RunOptions(out=out, images=[IMAGES]))
+    report = run(load_spec("resnet18"), RunOptions(out=out, images=(IMAGES,))).to_dict()
     return out, report

@@ -1,9 +1,13 @@
-"""bench: statistics, budgets, variant selection, MAC counting, and one real ResNet18 bench."""
+"""bench: statistics, budgets (judge's names), variant selection, MAC counting, a backend registered with
+bench=True benched without changing bench, and one real ResNet18 bench."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
+from dataclasses import FrozenInstanceError
 
 import pytest
 from conftest import IMAGES
@@ -11,12 +15,16 @@ from conftest import IMAGES
 from deploytool.bench import (
     SPREAD_WIDE,
     VARIANT_NAMES,
-    Budget,
+    BenchOptions,
+    BenchRow,
+    Selection,
     latency_stats,
-    parse_budget,
+    select_all,
     select_variant,
+    variant_run_options,
 )
 from deploytool.errors import ParityError, SpecError
+from deploytool.judge import Budget, parse_budget
 
 # ---------------------------------------------------------------- statistics
 
@@ -42,15 +50,22 @@ def test_latency_stats_tight_and_single():
         latency_stats([])
 
 
-# ---------------------------------------------------------------- budgets
+# ---------------------------------------------------------------- budgets (judge.py, as bench uses them)
 
 
 def test_parse_budget_good():
     b = parse_budget("top1=1.0, rel=1e-2")
-    assert (b.top1, b.rel, b.top5, b.abs) == (1.0, 0.01, None, None)
-    assert b.text == "top1=1,rel=0.01"
+    assert b.limits == {"top1_agreement": 1.0, "peak_rel": 0.01}
+    assert b.text == "top1_agreement=1,peak_rel=0.01"
     full = parse_budget("abs=0.5,top5=0.8,top1=0.9,rel=0,det=1")
-    assert (full.top1, full.top5, full.det, full.rel, full.abs) == (0.9, 0.8, 1.0, 0.0, 0.5)
+    assert full.limits == {
+        "top1_agreement": 0.9,
+        "top5_agreement": 0.8,
+        "detection_agreement": 1.0,
+        "peak_rel": 0.0,
+        "max_abs": 0.5,
+    }
+    assert parse_budget(full.text) == full  # the long names parse too
 
 
 @pytest.mark.parametrize(
@@ -75,64 +90,123 @@ def test_parse_budget_bad(text, match):
 
 def test_budget_failures():
     b = parse_budget("top1=1.0,rel=1e-2,abs=0.1")
-    assert b.failures({"top1": 1.0, "rel": 1e-3, "max_abs": 0.01}) == []
-    why = b.failures({"top1": 0.75, "rel": 0.02, "max_abs": 0.01})
-    assert why == ["top1 0.75 < 1", "rel 0.02 > 0.01"]
-    assert b.failures({"top1": None, "rel": 0.0, "max_abs": 0.0, "task": "raw"}) == [
-        "top1 not measured (task raw)"
-    ]
+    assert b.failures({"top1_agreement": 1.0, "peak_rel": 1e-3, "max_abs": 0.01}) == []
+    why = b.failures({"top1_agreement": 0.75, "peak_rel": 0.02, "max_abs": 0.01})
+    assert why == ["top1_agreement 0.75 < 1", "peak_rel 0.02 > 0.01"]
+    assert b.failures({"peak_rel": 0.0, "max_abs": 0.0}) == ["top1_agreement not measured for this task"]
     det = parse_budget("det=1.0")
-    assert det.failures({"detections": 0.75, "task": "detect"}) == ["det 0.75 < 1"]
-    assert det.failures({"detections": 1.0, "task": "detect"}) == []
+    assert det.failures({"detection_agreement": 0.75}) == ["detection_agreement 0.75 < 1"]
+    assert det.failures({"detection_agreement": 1.0}) == []
 
 
 # ---------------------------------------------------------------- selection
 
 
-def _entry(variant, median, threads=2, top1=1.0, rel=1e-4, ratio=None):
-    return {
-        "name": f"ncnn-cpu/{variant}",
-        "backend": "ncnn-cpu",
-        "variant": variant,
-        "threads": threads,
-        "latency_ms": {"median": median},
-        "ratio_to_onnxruntime": ratio,
-        "parity": {"top1": top1, "top5": 1.0, "rel": rel, "max_abs": rel * 10, "task": "classify"},
-    }
+def _row(variant, median, threads=2, top1=1.0, rel=1e-4, ratio=None):
+    parity = {"top1_agreement": top1, "top5_agreement": 1.0, "peak_rel": rel, "max_abs": rel * 10}
+    return BenchRow("ncnn-cpu", variant, threads, {"median": median}, parity, ratio_to_onnxruntime=ratio)
 
 
-def _result(*entries):
-    ort = {"name": "onnxruntime", "backend": "onnxruntime", "variant": None, "threads": 2}
-    return {"model": "m", "results": [ort, *entries]}
+def _rows(*rows):
+    ort = BenchRow("onnxruntime", None, 2, {"median": 18.0}, {})
+    return [ort, *rows]
 
 
 def test_select_variant_fastest_within_budget():
-    result = _result(
-        _entry("fp32", 13.0, ratio=0.7),
-        _entry("bf16", 8.0, rel=0.05, ratio=0.43),  # fastest, outside rel
-        _entry("fp16", 10.0, ratio=0.54),
-        _entry("fp16", 5.0, threads=1),  # another thread count: ignored at 2 threads
+    rows = _rows(
+        _row("fp32", 13.0, ratio=0.7),
+        _row("bf16", 8.0, rel=0.05, ratio=0.43),  # fastest, outside peak_rel
+        _row("fp16", 10.0, ratio=0.54),
+        _row("fp16", 5.0, threads=1),  # another thread count: ignored at 2 threads
     )
-    name, reason = select_variant(result, parse_budget("top1=1.0,rel=1e-2"))
-    assert name == "fp16"
-    assert "0.54x onnxruntime" in reason and "bf16 (rel 0.05 > 0.01)" in reason
-    assert select_variant(result, parse_budget("top1=1.0,rel=1e-1"))[0] == "bf16"
-    assert select_variant(result, parse_budget("rel=1e-2"), threads=1)[0] == "fp16"
+    pick = select_variant(rows, parse_budget("top1=1.0,rel=1e-2"))
+    assert pick == Selection(2, "fp16", pick.reason, fits=True)
+    assert "0.54x onnxruntime" in pick.reason and "bf16 (peak_rel 0.05 > 0.01)" in pick.reason
+    assert "within top1_agreement=1,peak_rel=0.01 at 2 threads" in pick.reason
+    assert "top1_agreement 1.00" in pick.reason and "top5_agreement 1.00" in pick.reason
+    assert select_variant(rows, parse_budget("top1=1.0,rel=1e-1")).variant == "bf16"
+    assert select_variant(rows, parse_budget("rel=1e-2"), threads=1).variant == "fp16"
 
 
 def test_select_variant_none_fits():
-    result = _result(_entry("fp32", 13.0, top1=0.75), _entry("bf16", 8.0, rel=0.05))
+    rows = _rows(_row("fp32", 13.0, top1=0.75), _row("bf16", 8.0, rel=0.05))
     with pytest.raises(ParityError) as info:
-        select_variant(result, parse_budget("top1=1.0,rel=1e-2"))
+        select_variant(rows, parse_budget("top1=1.0,rel=1e-2"), model="m")
     msg = str(info.value)
     assert info.value.exit_code == 1
-    assert "no ncnn variant of m fits budget 'top1=1,rel=0.01' at 2 threads" in msg
-    assert "fp32: top1 0.75 < 1" in msg and "bf16: rel 0.05 > 0.01" in msg
+    assert "no ncnn variant of m fits budget 'top1_agreement=1,peak_rel=0.01' at 2 threads" in msg
+    assert "fp32: top1_agreement 0.75 < 1" in msg and "bf16: peak_rel 0.05 > 0.01" in msg
 
 
 def test_select_variant_without_variants():
     with pytest.raises(SpecError, match="include ncnn-cpu"):
-        select_variant(_result(), Budget(top1=1.0))
+        select_variant(_rows(), Budget({"top1_agreement": 1.0}))
+
+
+def test_selection_record_per_thread_count():
+    rows = _rows(_row("fp32", 13.0), _row("fp32", 20.0, threads=1, top1=0.5))
+    picks = select_all(rows, parse_budget("top1=1"), (1, 2), "m")
+    assert picks[2].fits and picks[2].variant == "fp32"
+    assert not picks[1].fits and picks[1].variant is None and "top1_agreement 0.5 < 1" in picks[1].reason
+    assert select_all(_rows(), parse_budget("top1=1"), (2,), "m") == {}  # nothing to select from
+
+
+def test_row_to_dict_uses_the_report_names():
+    row = BenchRow(
+        "ncnn-cpu", "fp16", 2, {"median": 1.0}, {"peak_rel": float("inf"), "top1_agreement": 1.0},
+        peak_rss_mib=120.04, baseline_rss_mib=100.0,
+    )  # fmt: skip
+    d = row.to_dict()
+    assert d["name"] == "ncnn-cpu/fp16"
+    assert d["parity"] == {"peak_rel": "inf", "top1_agreement": 1.0}  # JSON has no inf
+    assert d["memory"] == {"peak_rss_mib": 120.0, "baseline_rss_mib": 100.0, "model_rss_mib": 20.0}
+
+
+# ---------------------------------------------------------------- variants and options
+
+
+def test_variant_run_options(tmp_path):
+    from deploytool.pipeline import Recipe, RunOptions
+
+    opts = RunOptions(out=tmp_path, budget="top1=1", recipe=Recipe(converter="pnnx-onnx"))
+    vulkan = variant_run_options("vulkan", opts)
+    assert vulkan.backends == "torch,onnxruntime,ncnn-vulkan" and vulkan.budget is None
+    half = variant_run_options("fp16-weights", opts)
+    assert half.recipe == Recipe(converter="pnnx-onnx", fp16_weights=True) and half.ncnn_precision == "fp32"
+    assert half.backends is None
+    bf16 = variant_run_options("bf16", RunOptions(out=tmp_path, backends="torch,ncnn-cpu"))
+    assert (bf16.ncnn_precision, bf16.backends, bf16.recipe.fp16_weights) == ("bf16", "torch,ncnn-cpu", False)
+    with pytest.raises(SpecError, match="unknown variant"):
+        variant_run_options("int4", opts)
+
+
+def test_bench_options_frozen_with_tuples(tmp_path):
+    opts = BenchOptions(out=str(tmp_path), threads=[1, 2], images=[IMAGES])
+    assert opts.threads == (1, 2) and opts.images == (IMAGES,) and opts.out == tmp_path
+    with pytest.raises(FrozenInstanceError):
+        opts.runs = 3
+
+
+def test_bench_refuses_a_backend_it_does_not_time(tmp_path):
+    from deploytool.bench.orchestrate import validate
+
+    with pytest.raises(SpecError, match="bench does not time ncnn-cpp"):
+        validate(BenchOptions(out=tmp_path, backends="torch,ncnn-cpp"))
+    with pytest.raises(SpecError, match="--threads"):
+        validate(BenchOptions(out=tmp_path, threads=()))
+
+
+def test_choose_variant_checks_its_input_before_benching(tmp_path):
+    from deploytool.bench import choose_variant
+    from deploytool.pipeline import RunOptions
+    from deploytool.spec import load_spec
+
+    spec = load_spec("resnet18")
+    with pytest.raises(SpecError, match="budget"):
+        choose_variant(spec, RunOptions(out=tmp_path, budget="top1=abc"))
+    with pytest.raises(SpecError, match="include ncnn-cpu or ncnn-vulkan"):
+        choose_variant(spec, RunOptions(out=tmp_path, budget="top1=1", backends="torch,onnxruntime"))
+    assert not (tmp_path / "bench").exists()
 
 
 # ---------------------------------------------------------------- MACs
@@ -160,6 +234,99 @@ def test_count_macs_from_param():
     assert m["skipped_layers"] == []
 
 
+# ---------------------------------------------------------------- a backend bench does not name
+
+PLUGIN = "deploytool_test_bench_plugin"
+PLUGIN_SOURCE = '''
+"""A backend declared outside deploytool: ONNX Runtime under another name. Importing this module (the
+backend's `library`) registers it, which is how a bench worker, a fresh process, finds it too."""
+
+import onnxruntime  # noqa: F401
+
+from deploytool.backends import registry
+from deploytool.backends.ort_runner import OnnxRuntimeRunner
+
+NAME = "onnxruntime-copy"
+
+
+class CopyRunner(OnnxRuntimeRunner):
+    name = NAME
+
+
+def _runner():
+    return CopyRunner
+
+
+def _build(cls, art, config):
+    return cls(art.onnx, config.threads)
+
+
+registry.BACKENDS[NAME] = registry.Backend(
+    NAME, "onnxruntime", _runner, _build, needs=("onnx",), description="ONNX Runtime, renamed (test)",
+    bench=True, library=__name__,
+)
+
+
+def tiny():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(8, 5),
+    )
+'''
+
+
+@pytest.fixture
+def plugin_backend(tmp_path, monkeypatch):
+    """The plugin registered in this process (into a copy of BACKENDS, restored afterwards) and
+    importable by the workers (PYTHONPATH)."""
+    from deploytool.backends import registry
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    )
+    module = importlib.import_module(PLUGIN)
+    yield module.NAME
+    sys.modules.pop(PLUGIN, None)
+
+
+def test_a_registered_bench_backend_is_benched_without_changing_bench(plugin_backend, tmp_path):
+    from deploytool.backends.registry import bench_backends
+    from deploytool.bench import bench_model
+    from deploytool.bench.orchestrate import validate
+    from deploytool.spec import load_spec
+
+    name = plugin_backend
+    assert name in bench_backends()
+    default = validate(BenchOptions(out=tmp_path))[0]
+    assert name in default  # in the default set once registered, like every bench=True backend
+
+    spec = load_spec(f"{PLUGIN}:tiny", "1,3,16,16")
+    opts = BenchOptions(
+        out=tmp_path / "out", runs=2, warmup=1, threads=(1,), backends=f"torch,onnxruntime,{name}"
+    )
+    report = bench_model(spec, opts)
+
+    assert [r.name for r in report.rows] == ["torch", "onnxruntime", name]
+    ort, copy = report.row("onnxruntime", 1), report.row(name, 1)
+    assert copy.latency_ms["n"] == 2 and copy.device == "cpu"
+    assert copy.peak_rss_mib >= copy.baseline_rss_mib > 0
+    assert copy.parity["passed"] and copy.parity["max_abs"] == ort.parity["max_abs"]
+    assert copy.ratio_to_onnxruntime == pytest.approx(copy.median / ort.median, rel=1e-3)
+    assert report.backends[name].available and report.budget_fits is None and report.selection == {}
+    assert (tmp_path / "out" / "logs" / f"bench-{name}-t1.log").is_file()  # it ran in a worker process
+    written = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["name"] for r in written["results"]] == ["torch", "onnxruntime", name]
+    assert written["selection"] == {"budget": "top1_agreement=1,peak_rel=0.01", "by_threads": {}}
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -168,14 +335,16 @@ def test_bench_resnet18_end_to_end(tmp_path):
     from rich.console import Console
 
     from deploytool.backends.ncnn_runner import vulkan_device_name
-    from deploytool.bench import BenchOptions, bench_markdown, bench_model, render_bench
+    from deploytool.bench import bench_markdown, bench_model, render_bench
     from deploytool.spec import load_spec
 
     images = sorted(IMAGES.glob("*.jpg"))[:2]
-    opts = BenchOptions(out=tmp_path, runs=3, warmup=1, threads=[1], images=images)
-    result = bench_model(load_spec("resnet18"), opts)
+    opts = BenchOptions(out=tmp_path, runs=3, warmup=1, threads=(1,), images=tuple(images))
+    report = bench_model(load_spec("resnet18"), opts)
+    result = report.to_dict()
 
-    assert json.loads((tmp_path / "bench.json").read_text())["model"] == "resnet18"
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert result["model"] == "resnet18"
     vulkan = vulkan_device_name() is not None
     if not vulkan and os.environ.get("DEPLOYTOOL_REQUIRE_VULKAN") == "1":
         pytest.fail("DEPLOYTOOL_REQUIRE_VULKAN=1 but ncnn sees no Vulkan device")
@@ -195,11 +364,18 @@ def test_bench_resnet18_end_to_end(tmp_path):
         )
         assert r["memory"]["peak_rss_mib"] >= r["memory"]["baseline_rss_mib"] > 0
         p = r["parity"]
-        assert p["max_abs"] >= 0 and p["rel"] >= 0 and 0 <= p["top1"] <= 1 and 0 <= p["top5"] <= 1
+        assert p["max_abs"] >= 0 and p["peak_rel"] >= 0 and p["max_rel"] >= 0
+        assert 0 <= p["top1_agreement"] <= 1 and 0 <= p["top5_agreement"] <= 1
+        assert p["tolerance"]["atol"] > 0
         if r["variant"]:
             assert r["variant"] in result["variants"]
+        if r["variant"] not in (None, "fp32"):
+            assert p["max_abs_vs_fp32"] >= 0
     fp32 = next(r for r in result["results"] if r["variant"] == "fp32")
-    assert fp32["parity"]["passed"] and fp32["parity"]["top1"] == 1.0 and fp32["parity"]["rel"] < 1e-4
+    assert fp32["parity"]["passed"] and fp32["parity"]["top1_agreement"] == 1.0
+    assert fp32["parity"]["peak_rel"] < 1e-4
+    half = next(r for r in result["results"] if r["variant"] == "fp16-weights")
+    assert half["parity"]["tolerance"]["precision"] == "fp16"  # fp16 weights are judged as fp16
 
     info = result["model_info"]
     assert info["parameters"] == 11_689_512
@@ -208,12 +384,15 @@ def test_bench_resnet18_end_to_end(tmp_path):
     assert arts["ncnn_bin_fp16_weights"]["bytes"] < 0.6 * arts["ncnn_bin"]["bytes"]
     assert result["preprocess"]["preprocess_ms"]["median"] > 0
     assert set(result["selection"]["by_threads"]) == {"1"}
+    assert report.budget_fits is result["selection"]["by_threads"]["1"]["fits"]
+    assert {"bench:torch@1", "bench:ncnn-cpu/fp32@1", "convert", "convert:fp16-weights"} <= set(report.stages)
 
     console = Console(record=True, width=200)
-    render_bench(result, console)
+    render_bench(report, console)
     text = console.export_text()
-    assert "ncnn-cpu/fp32" in text and "budget top1=1,rel=0.01 @1 threads" in text
-    assert "| ncnn-cpu/fp32 | 1 |" in bench_markdown(result)
+    assert "ncnn-cpu/fp32" in text and "budget top1_agreement=1,peak_rel=0.01 @1 threads" in text
+    assert "peak_rel" in text and "top1/det agreement" in text
+    assert "| ncnn-cpu/fp32 | 1 |" in bench_markdown(report)
 
 
 def test_cli_bench_rejects_a_bad_budget_before_measuring(tmp_path):
@@ -230,8 +409,6 @@ def test_cli_bench_rejects_a_bad_budget_before_measuring(tmp_path):
 
 @pytest.mark.slow
 def test_run_precision_auto_writes_the_chosen_variant(tmp_path):
-    import json
-
     from typer.testing import CliRunner
 
     from deploytool.cli import app
@@ -254,6 +431,7 @@ def test_run_precision_auto_writes_the_chosen_variant(tmp_path):
     assert result.exit_code == 0, result.output
     assert "precision auto:" in result.output and "fastest variant within" in result.output
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert {r["backend"] for r in bench["results"]} == {"torch", "ncnn-cpu"}  # the run's backends only
     chosen = bench["selection"]["by_threads"]["2"]["variant"]
     report = json.loads((tmp_path / "report.json").read_text())
     expected = {"fp32": "fp32", "fp16-weights": "fp32", "fp16": "fp16", "bf16": "bf16"}[chosen]

@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from deploytool.cli import app
+from deploytool.progress import PREFIX as PROGRESS_PREFIX
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 cli = CliRunner()
@@ -19,8 +20,10 @@ def _invoke(*args):
 def _one_clear_line(result, code, *needles):
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    # progress lines of the steps that finished before the failure may precede the one error line
+    lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith(PROGRESS_PREFIX)]
+    err = "\n".join(lines)
+    assert err.startswith("error:") and len(lines) == 1, err
     for needle in needles:
         assert needle in err, err
 

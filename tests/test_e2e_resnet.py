@@ -1,5 +1,6 @@
 """End to end with the real tools: ResNet18 through export, pnnx and every backend."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deploytool.cli import app
-from deploytool.pipeline import RunOptions, run
+from deploytool.pipeline import Recipe, RunOptions, run
 from deploytool.spec import load_spec
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
@@ -57,8 +58,10 @@ def test_artifacts_written_and_nothing_half_written(resnet_run):
 def test_pnnx_from_onnx_matches_torch(tmp_path):
     report = run(
         load_spec("resnet18"),
-        RunOptions(out=tmp_path, images=[IMAGES], backends="torch,ncnn-cpu", converter="pnnx-onnx"),
-    )
+        RunOptions(
+            out=tmp_path, images=(IMAGES,), backends="torch,ncnn-cpu", recipe=Recipe(converter="pnnx-onnx")
+        ),
+    ).to_dict()
     assert report["passed"], report["comparisons"]
     assert _worst(report, "ncnn-cpu") <= 1e-4
     assert report["task"]["ncnn-cpu"]["top1_agreement"] == 1.0
@@ -68,8 +71,8 @@ def test_ncnn_fp16_precision_is_looser_but_passes_its_tolerance(resnet_run):
     out, fp32 = resnet_run
     fp16 = run(
         load_spec("resnet18"),
-        RunOptions(out=out, images=[IMAGES], backends="torch,ncnn-cpu", ncnn_precision="fp16"),
-    )
+        RunOptions(out=out, images=(IMAGES,), backends="torch,ncnn-cpu", ncnn_precision="fp16"),
+    ).to_dict()
     assert fp16["backends"]["ncnn-cpu"]["precision"] == "fp16"
     worst = _worst(fp16, "ncnn-cpu")
     assert worst > 10 * _worst(fp32, "ncnn-cpu")
@@ -87,9 +90,7 @@ def _copy_ncnn(src, dst):
 
 def test_corrupted_bin_fails_parity_with_exit_1(resnet_run, tmp_path):
     out, _ = resnet_run
-    from deploytool.report import write_json
-
-    write_json(resnet_run[1], out / "report.json")
+    (out / "report.json").write_text(json.dumps(resnet_run[1]))
     folder = _copy_ncnn(out, tmp_path / "corrupt")
     data = np.fromfile(folder / "model.ncnn.bin", dtype=np.uint8)
     floats = data[4 : 4 + 4 * 4096].view(np.float32)  # first conv's weights, after the 4-byte flag

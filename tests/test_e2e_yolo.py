@@ -23,8 +23,10 @@ def yolo_cpu(tmp_path_factory):
     photos = [IMAGES / "chelsea.jpg", IMAGES / "rocket.jpg"]
     report = run(
         load_spec("yolov8n"),
-        RunOptions(out=out, images=photos, backends="torch,onnxruntime,ncnn-cpu", save_vis=out / "vis"),
-    )
+        RunOptions(
+            out=out, images=tuple(photos), backends="torch,onnxruntime,ncnn-cpu", save_vis=out / "vis"
+        ),
+    ).to_dict()
     return out, report
 
 
@@ -60,21 +62,22 @@ def test_save_vis_draws_every_backend(yolo_cpu):
 def test_shifted_boxes_fail_detection_parity(yolo_cpu):
     import torch
 
-    from deploytool.pipeline import _detect_agreement, inputs_for
+    from deploytool.inputs import inputs_for
+    from deploytool.judge import detect_agreement
     from deploytool.spec import build_model
 
     out, _ = yolo_cpu
     spec = load_spec("yolov8n")
-    items = inputs_for(spec, RunOptions(out=out, images=[IMAGES / "rocket.jpg"]))[:1]
+    items = inputs_for(spec, [IMAGES / "rocket.jpg"])[:1]
     model = build_model(spec)
     with torch.no_grad():
-        ref = model(torch.from_numpy(items[0][1]["images"])).numpy()
+        ref = model(torch.from_numpy(items[0].feed["images"])).numpy()
     shifted = ref.copy()
     shifted[0, 0] += 0.05 * shifted[0, 2]  # every box moved right by 5% of its width: IoU ~0.9
-    ok = _detect_agreement(spec, items, [{"output": ref}], [{"output": ref}], "same", "torch", None)
-    bad = _detect_agreement(spec, items, [{"output": ref}], [{"output": shifted}], "shifted", "torch", None)
-    assert ok["passed"] and not bad["passed"]
-    assert any("IoU" in line for line in bad["per_input"][0]["failures"])
+    ok, _ = detect_agreement(spec, items, [{"output": ref}], [{"output": ref}])
+    bad, _ = detect_agreement(spec, items, [{"output": ref}], [{"output": shifted}])
+    assert ok.passed and not bad.passed and bad.detection_agreement == 0.0
+    assert any("IoU" in line for line in bad.per_input[0]["failures"])
 
 
 def test_layerwise_blames_a_corrupted_yolo_convolution(yolo_cpu, tmp_path):

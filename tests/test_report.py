@@ -6,51 +6,34 @@ import xml.etree.ElementTree as ET
 import numpy as np
 from rich.console import Console
 
-from deploytool.compare import compare_tensors
-from deploytool.pipeline import _classify_agreement
+from deploytool.judge import classify_agreement, compare_tensors
 from deploytool.report import console_summary, write_json, write_junit
+from deploytool.results import BackendResult, RunReport
 from deploytool.spec import Tolerance, load_spec
 
 
-def _report(passed_second=True):
+def _report(passed_second=True) -> RunReport:
     ref = np.linspace(-5, 5, 1000)
     got = ref.copy() if passed_second else ref + np.where(np.arange(1000) == 7, 0.3, 0.0)
+    ident = {"reference": "torch", "input": "images/a.jpg", "output": "logits"}
     rows = [
-        compare_tensors(
-            ref,
-            ref + 1e-7,
-            Tolerance(1e-4, 1e-4),
-            backend="ncnn-cpu",
-            reference="torch",
-            input="images/a.jpg",
-            output="logits",
-        ).to_dict(),
-        compare_tensors(
-            ref,
-            got,
-            Tolerance(1e-4, 1e-4),
-            backend="ncnn-vulkan",
-            reference="torch",
-            input="images/a.jpg",
-            output="logits",
-        ).to_dict(),
+        compare_tensors(ref, ref + 1e-7, Tolerance(1e-4, 1e-4), backend="ncnn-cpu", **ident),
+        compare_tensors(ref, got, Tolerance(1e-4, 1e-4), backend="ncnn-vulkan", **ident),
     ]
-    return {
-        "schema": 1,
-        "model": "m",
-        "spec": "m.toml",
-        "passed": all(r["passed"] for r in rows),
-        "versions": {"deploytool": "0"},
-        "artifacts": {},
-        "input": {},
-        "backends": {
-            "torch": {"available": True, "reason": None, "device": "cpu", "latency_ms_median": 1.0},
-            "ncnn-vulkan": {"available": False, "reason": "no device", "device": None},
+    return RunReport(
+        model="m",
+        spec="m.toml",
+        reference="torch",
+        versions={"deploytool": "0"},
+        artifacts={},
+        input={},
+        backends={
+            "torch": BackendResult("torch", device="cpu", latency_ms_median=1.0, latency_method="test"),
+            "ncnn-vulkan": BackendResult("ncnn-vulkan", available=False, reason="no device"),
         },
-        "stages": {"export": {"seconds": 1.0}},
-        "comparisons": rows,
-        "task": {},
-    }
+        stages={"export": {"seconds": 1.0}},
+        comparisons=rows,
+    )
 
 
 def test_report_json_has_stable_schema_keys(tmp_path):
@@ -86,10 +69,10 @@ def test_report_json_has_stable_schema_keys(tmp_path):
 
 def test_infinite_min_tolerance_is_valid_json(tmp_path):
     rep = _report()
-    rep["comparisons"].append(
+    rep.comparisons.append(
         compare_tensors(
             np.zeros(3), np.ones(3), Tolerance(0, 0), backend="b", reference="torch", input="x", output="y"
-        ).to_dict()
+        )
     )
     data = json.loads(write_json(rep, tmp_path / "r.json").read_text())
     assert data["comparisons"][-1]["min_rtol"] == "inf"
@@ -113,8 +96,9 @@ def test_console_summary_marks_failures_and_skips():
 def test_top1_disagreement_fails_the_task_check():
     spec = load_spec("resnet18")
     ref = [{"logits": np.array([[0.1, 0.9, 0.2, 0.0, 0.3, 0.4]])}]
-    same = _classify_agreement(spec, ref, ref)
-    assert same["passed"] and same["top1_agreement"] == 1.0
+    same = classify_agreement(spec, ref, ref)
+    assert same.passed and same.top1_agreement == 1.0
     swapped = [{"logits": np.array([[0.9, 0.1, 0.2, 0.0, 0.3, 0.4]])}]
-    other = _classify_agreement(spec, ref, swapped)
-    assert not other["passed"] and other["top1_agreement"] == 0.0
+    other = classify_agreement(spec, ref, swapped)
+    assert not other.passed and other.top1_agreement == 0.0
+    assert other.to_dict()["top1_agreement"] == 0.0 and "top5_agreement" in other.to_dict()

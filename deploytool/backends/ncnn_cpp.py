@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError, BackendUnavailable, SpecError
+from ..progress import step
+from ..tools import run_tool
 from .base import Runner
 
 RUNNER_EXE = "deploytool_runner"
@@ -108,15 +109,6 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_logged(cmd: list[str], log: Path, what: str) -> None:
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise BackendError(f"ncnn-cpp: {what} failed (exit {proc.returncode}); see {log}")
-
-
 def build_runner(jobs: int = 2) -> Path:
     """Build deploytool_runner once per source hash under the cache; returns the executable.
 
@@ -132,15 +124,15 @@ def build_runner(jobs: int = 2) -> Path:
     exe = final / RUNNER_EXE
     if exe.is_file():
         return exe
-    with _locked(root / f"runner-{key}.lock"):
-        if exe.is_file():
+    with step("build C++ runner"), _locked(root / f"runner-{key}.lock"):
+        if exe.is_file():  # another process built it while this one waited for the lock
             return exe
         logs = root / f"runner-{key}.logs"
         logs.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".runner-{key}.", dir=root))
         try:
             build = work / "build"
-            _run_logged(
+            run_tool(
                 [
                     "cmake",
                     "-S",
@@ -151,12 +143,14 @@ def build_runner(jobs: int = 2) -> Path:
                     f"-Dncnn_DIR={ncnn_dir}",
                 ],
                 logs / "configure.log",
-                "cmake configure of the C++ runner",
+                "ncnn-cpp: cmake configure of the C++ runner",
+                error=BackendError,
             )
-            _run_logged(
+            run_tool(
                 ["cmake", "--build", str(build), "-j", str(jobs)],
                 logs / "build.log",
-                "building the C++ runner",
+                "ncnn-cpp: building the C++ runner",
+                error=BackendError,
             )
             out = work / "out"
             out.mkdir()
@@ -177,6 +171,7 @@ class NcnnCppRunner(Runner):
     """
 
     name = "ncnn-cpp"
+    latency_repeats = 0  # every call is a fresh process: the runner's own timing of each call is quoted
 
     def __init__(self, param: Path, bin: Path, meta: dict, threads: int = 2):
         super().__init__()
@@ -187,6 +182,9 @@ class NcnnCppRunner(Runner):
         self._work: Path | None = None
         self._calls = 0
         self._last_json_latency_s: float | None = None
+        self._preprocess_max_abs: float | None = None
+        self._logs: Path | None = None  # one log per runner process, stderr then stdout
+        self._keep_logs = False
 
     @classmethod
     def available(cls) -> tuple[bool, str | None]:
@@ -215,6 +213,9 @@ class NcnnCppRunner(Runner):
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
+        if self._logs is not None and not self._keep_logs:
+            shutil.rmtree(self._logs, ignore_errors=True)
+        self._logs, self._keep_logs = None, False
 
     def _run(self, inputs: list[Path]) -> tuple[Path, dict]:
         """One runner process over `inputs` (distinct stems); returns its dump folder and JSON."""
@@ -222,17 +223,19 @@ class NcnnCppRunner(Runner):
         dump = self._work / f"call{self._calls}"
         cmd = [str(self.exe), str(self._work / "meta.json"), *map(str, inputs)]
         cmd += ["--dump-raw", str(dump), "--threads", str(self.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        log = self._work / f"call{self._calls}.log"
-        log.write_text(f"$ {' '.join(cmd)}\n{proc.stderr}")
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            why = lines[-1] if lines else f"exit {proc.returncode}"
-            raise BackendError(f"ncnn-cpp: {RUNNER_EXE} failed (exit {proc.returncode}): {why}")
+        if self._logs is None:
+            self._logs = Path(tempfile.mkdtemp(prefix="deploytool-ncnn-cpp-logs."))
+        log = self._logs / f"call{self._calls}.log"
         try:
-            return dump, json.loads(proc.stdout)
+            ran = run_tool(cmd, log, "ncnn-cpp", error=BackendError, capture_stdout=True)
+        except BackendError:
+            self._keep_logs = True  # the message points at the log: keep it after unload
+            raise
+        try:
+            return dump, json.loads(ran.stdout or "")
         except json.JSONDecodeError as exc:
-            raise BackendError(f"ncnn-cpp: {RUNNER_EXE} printed no valid JSON ({exc})") from exc
+            self._keep_logs = True
+            raise BackendError(f"ncnn-cpp: {RUNNER_EXE} printed no valid JSON ({exc}); log: {log}") from exc
 
     def _load_npy(self, path: Path) -> np.ndarray:
         try:
@@ -268,11 +271,11 @@ class NcnnCppRunner(Runner):
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         name = self.meta["input"]["name"]
-        if name not in feed:
+        if name not in feed and len(feed) != 1:  # a single input named after the spec is taken as is
             raise SpecError(f"ncnn-cpp: feed has no input {name!r} (it has {', '.join(feed)})")
         self._calls += 1
         x = self._work / f"feed{self._calls}.npy"
-        np.save(x, np.ascontiguousarray(feed[name], dtype=np.float32))
+        np.save(x, np.ascontiguousarray(feed.get(name, next(iter(feed.values()))), dtype=np.float32))
         dump, doc = self._run([x])
         self._last_json_latency_s = doc["results"][0]["latency_ms"] / 1000
         return self._outputs(dump, x.stem)
@@ -284,3 +287,21 @@ class NcnnCppRunner(Runner):
         if self._last_json_latency_s is not None:
             self.last_latency_s = self._last_json_latency_s
         return out
+
+    def infer_item(self, item) -> dict[str, np.ndarray]:
+        """A photo at the spec's input shape goes in as the image file, so the runner's own (ncnn)
+        preprocessing is under test too; how far its input tensor is from Python's is kept for the
+        report (`preprocess_max_abs`). Other inputs go in as tensors."""
+        if item.image is None or not item.at_spec_shape:
+            return self.infer(item.feed)
+        [(raw, x_cpp, doc)] = self.run_images([item.image])
+        x_py = item.tensor
+        diff = (
+            float(np.abs(x_cpp.reshape(x_py.shape) - x_py).max()) if x_cpp.size == x_py.size else float("inf")
+        )
+        self._preprocess_max_abs = max(self._preprocess_max_abs or 0.0, diff)
+        self.last_latency_s = doc.get("latency_ms", 0.0) / 1000
+        return raw
+
+    def extra(self) -> dict:
+        return {} if self._preprocess_max_abs is None else {"preprocess_max_abs": self._preprocess_max_abs}

@@ -120,6 +120,10 @@ class NcnnRunner(Runner):
     def _feed(self, ex, feed) -> None:
         import ncnn
 
+        if set(feed) != set(self.input_names):  # named after the spec (pnnx writes in0): by position
+            if len(feed) != len(self.input_names):
+                raise SpecError(f"the .param has inputs {self.input_names} but the feed has {list(feed)}")
+            feed = dict(zip(self.input_names, feed.values(), strict=True))
         for name in self.input_names:
             arr = np.ascontiguousarray(feed[name], dtype=np.float32)
             ex.input(name, ncnn.Mat(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr))  # no batch axis

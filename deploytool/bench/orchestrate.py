@@ -1,0 +1,244 @@
+"""bench_model: make the files, time and judge every backend and variant per thread count, pick."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import judge
+from ..atomic import write_text
+from ..backends.registry import (
+    REFERENCE,
+    Artifacts,
+    RunnerConfig,
+    bench_backends,
+    get_backend,
+    parse_backends,
+    select_backends,
+)
+from ..errors import SpecError
+from ..inputs import inputs_for
+from ..pipeline import Recipe, RunOptions, StageTimer, build_artifacts, convert_stage, versions
+from ..results import BackendResult, InputItem
+from ..spec import ModelSpec, Tolerance
+from .facts import file_entry, machine_info, model_info
+from .records import RATIO_BASELINE, BenchReport, BenchRow
+from .select import select_all
+from .timing import Job, measure_with_retries, time_preprocessing
+from .variants import BASELINE, VARIANT_BACKENDS, VARIANTS, Variant
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything `deploytool bench` takes besides the model."""
+
+    out: Path
+    runs: int = 20
+    warmup: int = 3
+    threads: tuple[int, ...] = (2,)
+    backends: str | None = None  # None: every bench backend, the unavailable ones reported and skipped
+    images: tuple[Path, ...] = ()
+    weights: str | None = None
+    budget: str | None = None  # None: judge.DEFAULT_BUDGET
+    retries: int = 0  # re-measure a row with a wide spread up to this often; the lowest median is kept
+    recipe: Recipe = field(default_factory=Recipe)  # the converter; each variant sets its weights on top
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "threads", tuple(self.threads))
+        object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+
+
+def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str | None]], judge.Budget]:
+    """The backends to time (the reference first), the availability of each, the budget; a bad option
+    is a SpecError before anything is measured."""
+    if opts.runs < 1:
+        raise SpecError(f"--runs must be at least 1, got {opts.runs}")
+    if opts.warmup < 0:
+        raise SpecError(f"--warmup must be 0 or more, got {opts.warmup}")
+    if not opts.threads or any(t < 1 for t in opts.threads):
+        got = ",".join(map(str, opts.threads))
+        raise SpecError(f"--threads must list thread counts of at least 1, e.g. 1,2; got {got or 'none'}")
+    budget = judge.parse_budget(judge.DEFAULT_BUDGET if opts.budget is None else opts.budget)
+    if opts.backends is not None:
+        unsupported = [b for b in parse_backends(opts.backends) if not get_backend(b).bench]
+        if unsupported:
+            raise SpecError(
+                f"bench does not time {', '.join(unsupported)}; choose from {', '.join(bench_backends())}"
+            )
+    backends, found = select_backends(opts.backends, default=bench_backends())
+    return backends, found, budget
+
+
+def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
+    """Time every backend and ncnn variant at every thread count (each row in a fresh process), check
+    each against the reference and pick the fastest variant within the budget at each thread count.
+    Writes opts.out/bench.json."""
+    backends, found, budget = validate(opts)
+    timer = StageTimer()
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    items = inputs_for(spec, list(opts.images), dynamic=False)  # timed at the spec's input shape only
+    variants = [v for v in VARIANTS if v.backend in backends]
+    plain = [b for b in backends if b not in VARIANT_BACKENDS]
+    base_recipe = BASELINE.files_for(opts.recipe)  # the user's converter, fp32 weights
+    model, files, labels = _make_files(spec, opts, base_recipe, variants, plain, items[0].tensor, timer)
+    base = files[base_recipe]
+
+    rows: list[BenchRow] = []
+    for threads in opts.threads:
+        ref_outs: list[dict] = []
+        baseline_outs: list[dict] | None = None
+        for backend, v in [(b, None) for b in plain] + [(v.backend, v) for v in variants]:
+            art = files[v.files_for(base_recipe)] if v else base
+            row, outs = _bench_row(spec, opts, backend, v, art, items, threads, ref_outs, timer)
+            if backend == REFERENCE:
+                ref_outs = outs
+            if v is BASELINE:
+                baseline_outs = outs
+            elif v is not None and baseline_outs is not None:
+                row.parity["max_abs_vs_fp32"] = _max_abs_between(spec, baseline_outs, outs)
+            rows.append(row)
+        _set_ratios([r for r in rows if r.threads == threads])
+
+    report = BenchReport(
+        model=spec.name,
+        spec=spec.source,
+        options=opts,
+        budget=budget,
+        method=method_text(opts),
+        input={"label": items[0].label, "count": len(items), "shape": list(spec.input_shape)},
+        rows=rows,
+        backends={n: BackendResult(n, available=ok, reason=why) for n, (ok, why) in found.items()},
+        variants=variants,
+        versions=versions(),
+        machine=machine_info(),
+        preprocess=(
+            time_preprocessing(spec, items[0].image, opts.runs, opts.warmup) if items[0].image else None
+        ),
+        model_info=model_info(spec, model, base, items[0].feed),
+        artifacts=_artifacts(files, labels, base_recipe),
+        stages=timer.stages,
+    )
+    for row in rows:
+        report.backends[row.backend].device = row.device
+    report.selection = select_all(rows, budget, opts.threads, spec.name)
+    write_text(out / "bench.json", json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n")
+    return report
+
+
+def _make_files(
+    spec: ModelSpec, opts: BenchOptions, base: Recipe, variants: list[Variant], plain: list[str],
+    x: np.ndarray, timer: StageTimer,
+) -> tuple[object, dict[Recipe, Artifacts], dict[Recipe, str]]:  # fmt: skip
+    """Export once, then convert once per distinct recipe that a row needs (`base` into opts.out, each
+    other one into opts.out/VARIANT). Returns the eager model, {recipe: its artifacts, without the
+    model} (`base` always present, converted or not) and {recipe: the variant it is named after}."""
+    run_opts = RunOptions(out=opts.out, weights=opts.weights, recipe=base)
+    exported = build_artifacts(spec, run_opts, x, opts.out, timer, convert_ncnn=False)
+    model, exported = exported.model, replace(exported, model=None)  # workers rebuild it: jobs stay small
+    labels: dict[Recipe, str] = {}
+    if any(get_backend(b).family == "ncnn" for b in plain):
+        labels[base] = BASELINE.name
+    for v in variants:
+        labels.setdefault(v.files_for(base), v.name)
+    files = {base: exported}
+    for recipe, name in labels.items():
+        stage, folder = ("convert", opts.out) if recipe == base else (f"convert:{name}", opts.out / name)
+        folder.mkdir(parents=True, exist_ok=True)
+        with timer.stage(stage):
+            files[recipe] = convert_stage(spec, exported, recipe, folder)
+    return model, files, labels
+
+
+def _artifacts(files: dict[Recipe, Artifacts], labels: dict[Recipe, str], base: Recipe) -> dict:
+    """bench.json's files: the exported ones, the base recipe's .param/.bin, every other recipe's .bin
+    (`ncnn_bin_fp16_weights`)."""
+    art = files[base]
+    out = {
+        "torchscript": file_entry(art.torchscript),
+        "onnx": file_entry(art.onnx),
+        "ncnn_param": file_entry(art.ncnn_param),
+        "ncnn_bin": file_entry(art.ncnn_bin),
+    }
+    for recipe, other in files.items():
+        if recipe != base:
+            out[f"ncnn_bin_{labels[recipe].replace('-', '_')}"] = file_entry(other.ncnn_bin)
+    return out
+
+
+def _bench_row(
+    spec: ModelSpec, opts: BenchOptions, backend: str, variant: Variant | None, art: Artifacts,
+    items: list[InputItem], threads: int, ref_outs: list[dict], timer: StageTimer,
+) -> tuple[BenchRow, list[dict]]:  # fmt: skip
+    """Measure one backend (variant) in a worker process and judge its outputs against `ref_outs`
+    (the reference's own row is judged against itself)."""
+    label = f"{backend}/{variant.name}" if variant else backend
+    precision = variant.precision if variant else "fp32"
+    config = RunnerConfig((spec.input_name,), tuple(spec.output_names), precision, threads)
+    job = Job(
+        backend, get_backend(backend).library, art, spec, opts.weights, [i.feed for i in items], config,
+        opts.warmup, opts.runs,
+    )  # fmt: skip
+    stage = f"bench:{label}@{threads}"
+    with timer.stage(stage):
+        log = opts.out / "logs" / f"bench-{label.replace('/', '-')}-t{threads}.log"
+        got, stats, attempts = measure_with_retries(job, log, stage, opts.retries)
+    ref = got.outputs if backend == REFERENCE else ref_outs
+    fp16_weights = variant.fp16_weights if variant else False
+    verdict = judge.judge_backend(spec, backend, REFERENCE, items, ref, got.outputs, precision, fp16_weights)
+    row = BenchRow(
+        backend, variant.name if variant else None, threads, stats, verdict.summary(),
+        peak_rss_mib=got.peak_rss_mib, baseline_rss_mib=got.baseline_rss_mib, device=got.device,
+        attempts=attempts,
+    )  # fmt: skip
+    return row, got.outputs
+
+
+def _set_ratios(rows: list[BenchRow]) -> None:
+    """Each row's median and min as a multiple of the ratio baseline's (one thread count)."""
+    base = next((r for r in rows if r.backend == RATIO_BASELINE and r.variant is None), None)
+    if base is None:
+        return
+    for r in rows:
+        r.ratio_to_onnxruntime = round(r.latency_ms["median"] / base.latency_ms["median"], 4)
+        r.ratio_to_onnxruntime_min = round(r.latency_ms["min"] / base.latency_ms["min"], 4)
+
+
+def _max_abs_between(spec: ModelSpec, a: list[dict], b: list[dict]) -> float:
+    """The largest |a - b| over every input and output (judge's metric)."""
+    exact = Tolerance(0.0, 0.0)
+    ident = {"backend": "variant", "reference": BASELINE.name, "input": ""}
+    return max(
+        judge.compare_tensors(x[k], y[k], exact, output=k, **ident).max_abs
+        for x, y in zip(a, b, strict=True)
+        for k in spec.output_names
+    )
+
+
+def method_text(opts: BenchOptions) -> str:
+    """How the numbers were taken, for bench.json and docs/performance.md."""
+    text = (
+        f"each backend/variant at each thread count in a fresh Python process: load, one call per input "
+        f"(kept for parity), {opts.warmup} warm-up calls, {opts.runs} timed calls on the first input "
+        "(inference only: Runner.last_latency_s); peak RSS is that process's VmHWM (/proc/self/status; "
+        "ru_maxrss would include the parent's size, Linux keeps it across fork+exec), baseline after "
+        "importing the backend's library, before loading the model"
+    )
+    if opts.retries:
+        text += (
+            f"; a row whose spread was wide was measured again (at most {opts.retries} more times) and "
+            "the attempt with the lowest median kept"
+        )
+    return text
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

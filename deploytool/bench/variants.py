@@ -1,0 +1,83 @@
+"""The ncnn variants (files' recipe + runtime precision + backend) and the RunOptions that run one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..backends.registry import default_backends
+from ..errors import SpecError
+from ..pipeline import Recipe, RunOptions
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the converted model: its files' recipe, the runner's precision, the backend."""
+
+    name: str
+    backend: str
+    description: str
+    recipe: Recipe = field(default_factory=Recipe)  # only the weight settings count: see files_for
+    precision: str = "fp32"  # the runner's precision (set_precision in backends/ncnn_runner.py)
+
+    @property
+    def fp16_weights(self) -> bool:
+        return self.recipe.fp16_weights
+
+    def files_for(self, base: Recipe) -> Recipe:
+        """The recipe of this variant's files: the user's converter, this variant's weights."""
+        return replace(self.recipe, converter=base.converter, onnx2ncnn=base.onnx2ncnn)
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend,
+            "description": self.description,
+            "fp16_weights": self.fp16_weights,
+            "precision": self.precision,
+        }
+
+
+VARIANTS = (
+    Variant("fp32", "ncnn-cpu", "fp32 weights; fp16/bf16 storage and arithmetic off"),
+    Variant(
+        "fp16-weights",
+        "ncnn-cpu",
+        "weights stored as fp16 in the .bin (pnnx fp16=1), expanded to fp32 at load; fp32 compute",
+        recipe=Recipe(fp16_weights=True),
+    ),
+    Variant(
+        "fp16",
+        "ncnn-cpu",
+        "ncnn's defaults: fp16 storage, packing and arithmetic in the layers that have them on this CPU",
+        precision="fp16",
+    ),
+    Variant("bf16", "ncnn-cpu", "bf16 storage and packing on, fp16 off", precision="bf16"),
+    Variant("vulkan", "ncnn-vulkan", "Vulkan compute, fp16 storage on the device, fp32 arithmetic"),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+BASELINE = VARIANTS[0]  # the other variants' outputs are also compared with this one's (max_abs_vs_fp32)
+VARIANT_BACKENDS = tuple(dict.fromkeys(v.backend for v in VARIANTS))
+
+
+def get_variant(name: str) -> Variant:
+    for v in VARIANTS:
+        if v.name == name:
+            return v
+    raise SpecError(f"unknown variant {name!r}; variants: {', '.join(VARIANT_NAMES)}")
+
+
+def variant_run_options(name: str, opts: RunOptions) -> RunOptions:
+    """`opts` changed so that `run` writes and checks the files of variant `name`: its weights in the
+    recipe, its precision for the ncnn backends; a variant off the baseline's backend (Vulkan) replaces
+    the other variant backends in the default set, so the run checks what was chosen."""
+    v = get_variant(name)
+    backends = opts.backends
+    if backends is None and v.backend != BASELINE.backend:
+        others = set(VARIANT_BACKENDS) - {v.backend}
+        backends = ",".join(b for b in default_backends() if b not in others)
+    return replace(
+        opts,
+        budget=None,
+        ncnn_precision=v.precision,
+        recipe=replace(opts.recipe, fp16_weights=v.fp16_weights),
+        backends=backends,
+    )
