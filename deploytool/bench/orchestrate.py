@@ -149,7 +149,7 @@ def _make_files(
     for recipe, name in labels.items():
         stage, folder = ("convert", opts.out) if recipe == base else (f"convert:{name}", opts.out / name)
         folder.mkdir(parents=True, exist_ok=True)
-        with timer.stage(stage):
+        with timer.stage(stage, show=False):  # convert() shows its own progress step
             files[recipe] = convert_stage(spec, exported, recipe, folder)
     return model, files, labels
 
