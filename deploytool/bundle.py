@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
+from .atomic import deferred_signals
 from .backends.ncnn_cpp import runner_source_dir, runner_source_files
 from .errors import SpecError
 from .ncnn_param import read_param
@@ -70,10 +74,200 @@ def meta_for(spec, param: Path, labels: list[str] | None = None, num_classes: in
     return meta
 
 
-def make_bundle(spec, opts, out_dir: Path):
-    """Run the pipeline on torch, ncnn-cpu and (when libncnn is built) the C++ runner, write
-    report.json into the run folder, and only if parity passed write the bundle. Returns
-    (report, bundle path or None when parity failed)."""
+MARKER = ".deploytool-bundle"
+MARKER_SCHEMA = 1
+
+
+def bundle_files(with_report: bool = True) -> list[str]:
+    """The files (relative, '/'-separated) of the bundle write_bundle writes, the marker excepted."""
+    src = runner_source_dir()
+    names = {PARAM_NAME, BIN_NAME, "meta.json", "README.md"}
+    names |= {f.relative_to(src).as_posix() for f in runner_source_files()}
+    if with_report:
+        names.add("report.json")
+    return sorted(names)
+
+
+@dataclass(frozen=True)
+class BundleTarget:
+    """Where a bundle goes and how: `new` (nothing there yet: the folder is renamed into place),
+    `replace` (an earlier bundle, marked by MARKER: swapped for the new one; files in it that deploytool
+    did not write are moved into the new one), `into` (an empty folder, or with --force one that
+    deploytool did not write: the bundle's files are added, files of the same name replaced, nothing
+    else touched)."""
+
+    path: Path
+    mode: str
+    manifest: frozenset[str] = frozenset()
+
+
+class _DamagedMarker(Exception):
+    pass
+
+
+def read_marker(folder: Path) -> frozenset[str] | None:
+    """The files an earlier bundle in `folder` wrote (from its MARKER), or None when it has no marker.
+    Raises _DamagedMarker for a marker that is not deploytool's JSON."""
+    marker = Path(folder) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+        files = data["files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise TypeError("files is not a list of names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _DamagedMarker(str(exc)) from exc
+    return frozenset(f for f in files if f and not f.startswith("/") and ".." not in f.split("/"))
+
+
+def _foreign(folder: Path, manifest: frozenset[str]) -> list[str]:
+    """Entries of an earlier bundle that deploytool did not write (a `build/` from its README's cmake
+    commands, the user's notes): files not in its manifest, and folders holding none of it."""
+    ours = set(manifest) | {MARKER}
+    tool_dirs = {"/".join(f.split("/")[:i]) for f in ours for i in range(1, f.count("/") + 1)}
+    found = []
+
+    def walk(d: Path, rel: str) -> None:
+        for entry in sorted(d.iterdir()):
+            r = f"{rel}{entry.name}"
+            if r in tool_dirs and entry.is_dir() and not entry.is_symlink():
+                walk(entry, r + "/")
+            elif r not in ours:
+                found.append(r)
+
+    walk(folder, "")
+    return found
+
+
+def _clashes(path: str, files: list[str]) -> bool:
+    """Whether an entry at `path` takes a name the bundle needs (a file, or a folder above one)."""
+    return path in files or any(f.startswith(path + "/") or path.startswith(f + "/") for f in files)
+
+
+def _in_the_way(folder: Path, files: list[str]) -> str | None:
+    """The first entry of `folder` that stops a bundle file from being written: a folder where a file
+    goes, or a file where a folder goes."""
+    for f in files:
+        parts = f.split("/")
+        for i in range(1, len(parts)):
+            p = folder.joinpath(*parts[:i])
+            if p.exists() and not p.is_dir():
+                return "/".join(parts[:i])
+        p = folder / f
+        if p.is_dir() and not p.is_symlink():
+            return f
+    return None
+
+
+def _listing(folder: Path, limit: int = 3) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    """How folder `a` stands to folder `b`: "is", "is inside", "contains", or None (apart)."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_bundle_target(out: Path, work: Path | None = None, force: bool = False) -> BundleTarget:
+    """Decide, before any work, whether a bundle may be written to `out`; raise SpecError (exit 2) if
+    not. deploytool replaces only what it wrote itself: never a file, the current folder or one above
+    it, the home folder, the run folder (`work`) or a folder inside or around it, or deploytool's own
+    runner sources; a folder that is not empty and holds no bundle only with `force` (then the bundle's
+    files are added to it and nothing else in it is touched)."""
+    given = Path(out)
+    real = given.resolve()
+    shown = f"--out {given}"
+    if real.exists() and not real.is_dir():
+        raise SpecError(f"{shown} is an existing file; give the path of a folder for the bundle")
+    cwd = Path.cwd().resolve()
+    if real == cwd:
+        raise SpecError(
+            f"{shown} is the current folder; give the bundle a folder of its own, e.g. --out bundle"
+        )
+    if real in cwd.parents:
+        raise SpecError(
+            f"{shown} contains the current folder; give the bundle a folder of its own, e.g. --out bundle"
+        )
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry
+        home = None
+    if home is not None and (real == home or real in home.parents):
+        what = "is your home folder" if real == home else "contains your home folder"
+        raise SpecError(f"{shown} {what}; give the bundle a folder of its own, e.g. --out ~/bundle")
+    if work is not None:
+        what = _relation(real, Path(work).resolve())
+        if what:
+            raise SpecError(
+                f"{shown} {what} the run folder {work} (--work); give the bundle a folder of its own"
+            )
+    src = runner_source_dir().resolve()
+    what = _relation(real, src)
+    if what:
+        raise SpecError(f"{shown} {what} deploytool's own runner sources ({src}); choose another folder")
+    existing = real.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpecError(f"{shown}: {existing} is a file, so no folder can be made under it")
+    if not real.exists():
+        _check_writable(shown, existing)
+        return BundleTarget(real, "new")
+    files = bundle_files()
+    try:
+        empty = not any(real.iterdir())
+        manifest = read_marker(real)
+        foreign = [] if manifest is None else _foreign(real, manifest)
+    except PermissionError as exc:
+        raise SpecError(
+            f"{shown}: cannot read {exc.filename} ({exc.strerror}); choose a folder you can write to"
+        ) from None
+    except _DamagedMarker as exc:
+        if not force:
+            raise SpecError(
+                f"{shown} has a damaged {MARKER} ({exc}); remove the folder or add --force to write the "
+                "bundle into it (files of the same name are replaced, nothing else is deleted)"
+            ) from None
+        manifest = None
+    if empty or manifest is None:
+        if not empty and not force:
+            raise SpecError(
+                f"{shown} is a folder deploytool did not write (it holds {_listing(real)}); give a new or "
+                "empty folder, or add --force to write the bundle into it (files of the same name are "
+                "replaced, nothing else is deleted)"
+            )
+        blocker = _in_the_way(real, files + [MARKER])
+        if blocker is not None:
+            raise SpecError(f"{shown}: {blocker} in it is in the way of the bundle's files; move it away")
+        _check_writable(shown, real)
+        return BundleTarget(real, "into")
+    clash = next((f for f in foreign if _clashes(f, files)), None)
+    if clash is not None and not force:
+        raise SpecError(
+            f"{shown}: {clash} was not written by deploytool but the new bundle writes that name; move it "
+            "away or add --force to replace it"
+        )
+    _check_writable(shown, real.parent)  # the new bundle is built beside the old one and renamed
+    return BundleTarget(real, "replace", manifest)
+
+
+def _check_writable(shown: str, folder: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"{shown}: no permission to write in {folder}; choose a folder you can write to")
+
+
+def make_bundle(spec, opts, out_dir: Path, force: bool = False):
+    """Check the bundle folder (check_bundle_target, before any work), run the pipeline on torch,
+    ncnn-cpu and (when libncnn is built) the C++ runner, write report.json into the run folder, and
+    only if parity passed write the bundle. Returns (report, bundle path or None when parity failed)."""
     from dataclasses import replace
 
     from .backends import availability
@@ -82,6 +276,7 @@ def make_bundle(spec, opts, out_dir: Path):
 
     if spec.task not in TASKS:
         raise SpecError(f"{spec.name}: bundles need a classify or detect spec with image input")
+    check_bundle_target(out_dir, opts.out, force)
     backends = "torch,ncnn-cpu" + (",ncnn-cpp" if availability("ncnn-cpp")[0] else "")
     report = run(spec, replace(opts, backends=backends))
     report_path = write_json(report, Path(opts.out) / "report.json")
@@ -89,11 +284,23 @@ def make_bundle(spec, opts, out_dir: Path):
         return report, None
     meta = json.loads((Path(opts.out) / "meta.json").read_text())
     param, bin_ = Path(report.artifacts["ncnn_param"]), Path(report.artifacts["ncnn_bin"])
-    return report, write_bundle(out_dir, param, bin_, meta, report_path)
+    return report, write_bundle(out_dir, param, bin_, meta, report_path, work=opts.out, force=force)
 
 
-def write_bundle(out_dir: Path, param: Path, bin: Path, meta: dict, report_path: Path | None = None) -> Path:
-    """Write the bundle folder; it appears complete or not at all (built beside it, then renamed)."""
+def write_bundle(
+    out_dir: Path,
+    param: Path,
+    bin: Path,
+    meta: dict,
+    report_path: Path | None = None,
+    *,
+    work: Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the bundle folder after check_bundle_target's rules. It is built beside its place and
+    renamed into it, so a new or replaced bundle appears complete or not at all; files in an earlier
+    bundle that deploytool did not write are kept. A MARKER listing the bundle's files is written
+    last."""
     out_dir = Path(out_dir)
     param, bin = Path(param), Path(bin)
     for f in (param, bin):
@@ -107,12 +314,13 @@ def write_bundle(out_dir: Path, param: Path, bin: Path, meta: dict, report_path:
     sources = runner_source_files()
     if not (runner_source_dir() / "CMakeLists.txt").is_file():
         raise SpecError(f"the C++ runner sources are missing from {runner_source_dir()}")
+    target = check_bundle_target(out_dir, work, force)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Built on the same filesystem as its place: beside it, or inside the folder it is added to.
+    home = target.path if target.mode == "into" else target.path.parent
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = _new_dir(home, f".{target.path.name}.tmp")
     try:
-        tmp.mkdir()
         shutil.copyfile(param, tmp / PARAM_NAME)
         shutil.copyfile(bin, tmp / BIN_NAME)
         meta = dict(meta, schema=META_SCHEMA, param=PARAM_NAME, bin=BIN_NAME)
@@ -125,26 +333,75 @@ def write_bundle(out_dir: Path, param: Path, bin: Path, meta: dict, report_path:
         if report_path is not None:
             shutil.copyfile(report_path, tmp / "report.json")
         (tmp / "README.md").write_text(_readme(meta, report_path is not None))
-        _replace_dir(tmp, out_dir)
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        marker = {"schema": MARKER_SCHEMA, "deploytool": __version__, "files": written}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if target.mode == "into":
+            _move_into(tmp, target.path, written)
+        else:
+            _replace_dir(tmp, target.path, target.manifest, written)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
+def _new_name(folder: Path, prefix: str) -> Path:
+    """A name in `folder` that nothing has: `prefix` + pid + random."""
+    while True:
+        path = folder / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        if not os.path.lexists(path):
+            return path
+
+
+def _new_dir(folder: Path, prefix: str) -> Path:
+    """Make a new folder in `folder` (with the umask's permissions, unlike tempfile.mkdtemp's 0700, since
+    it becomes the bundle); an existing one is never reused."""
+    while True:
+        path = _new_name(folder, prefix)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _move_into(new: Path, target: Path, files: list[str]) -> None:
+    """Move the bundle's files from `new` into the existing folder `target`, each by a rename (files of
+    the same name are replaced), the marker last; nothing else in `target` is touched."""
+    for rel in files + [MARKER]:
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new / rel, dest)
+
+
+def _replace_dir(
+    new: Path, target: Path, manifest: frozenset[str] = frozenset(), written: tuple[str, ...] | list[str] = ()
+) -> None:
+    """Rename `new` to `target`. An earlier bundle at `target` is moved aside first; the entries in it
+    that its manifest does not list (the user's) are moved into the new bundle, then it is removed.
+    Interrupts are held meanwhile, so the swap is never left half done."""
+    with deferred_signals():
+        old = None
+        if target.exists():
+            old = _new_name(target.parent, f".{target.name}.old")
+        try:
+            if old is not None:
+                os.replace(target, old)
+            os.replace(new, target)
+        except BaseException:
+            if old is not None and old.exists() and not target.exists():
+                os.replace(old, target)
+            raise
+        if old is None:
+            return
+        ours = [*written, MARKER]
+        for rel in _foreign(old, manifest):
+            dest = target / rel
+            if dest.exists() or dest.is_symlink() or _clashes(rel, ours):
+                continue  # --force: the new bundle's file takes the name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old / rel, dest)
+        # Only when everything of the user's has been moved: a failure above keeps `old` (and it).
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -165,7 +422,9 @@ Made by deploytool. Task `{meta["task"]}`, input `{inp["name"]}` {inp["width"]}x
 - `CMakeLists.txt`, `src/`: the C++ runner `deploytool_runner` (ncnn + OpenCV + nlohmann-json)
 - `toolchains/aarch64-linux-gnu.cmake`: cross-compiling from an x86_64 host
 - `run_ncnn.py`: the same runner in Python (ncnn, numpy, OpenCV only)
-{report}
+{report}- `.deploytool-bundle`: lists the files above; `deploytool bundle` replaces only these (anything
+  else you put here, such as `build/`, is kept)
+
 ## C++ on the board
 
 Needs libncnn built and installed for the board (see https://github.com/Tencent/ncnn/wiki/how-to-build),

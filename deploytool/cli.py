@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
-from .errors import DeployError, SpecError
+from .errors import BackendError, DeployError, SpecError
 from .inputs import images_or_default
 from .spec import load_spec
 
@@ -26,7 +30,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 ModelArg = Annotated[
     str, typer.Argument(help="name in models/ (resnet18), a .toml spec, or pkg.module:factory")
 ]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="artifact folder [default: out/MODEL]")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="artifact folder (default: out/MODEL)")]
 ShapeOpt = Annotated[
     str | None, typer.Option("--input-shape", help="e.g. 1,3,224,224 (required for pkg:factory)")
 ]
@@ -37,12 +41,63 @@ OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset")]
 ConverterOpt = Annotated[str, typer.Option("--converter", help="pnnx | pnnx-onnx | onnx2ncnn")]
 Onnx2ncnnOpt = Annotated[str | None, typer.Option("--onnx2ncnn", help="path to an onnx2ncnn binary")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="let pnnx write fp16 weights (default fp32)")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="CPU threads for every backend")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for every backend")]
+
+
+INTERNAL_ERROR = 5
 
 
 def _fail(exc: DeployError) -> None:
-    err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def _errors():
+    """Every failure becomes one line and its exit code: DeployErrors by their class, anything else
+    (a bug) exit 5 with the traceback saved to a file; interrupts and typer's own exits pass."""
+    try:
+        yield
+    except DeployError as exc:
+        _fail(exc)
+    except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the boundary: nothing may escape as a traceback
+        path = _save_traceback(exc)
+        where = f"; traceback saved to {path}" if path else ""
+        err_console.print(
+            f"[red]error:[/] internal error ({type(exc).__name__}: {escape(str(exc)[:200])}): "
+            f"this is a bug in deploytool, please report it{where}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(INTERNAL_ERROR) from None
+
+
+def _save_traceback(exc: BaseException) -> Path | None:
+    import tempfile
+    import time
+    import traceback
+
+    from .atomic import write_text
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"deploytool-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        return write_text(Path(tempfile.gettempdir()) / name, f"argv: {sys.argv}\n{text}")
+    except OSError:
+        return None
+
+
+def command(fn):
+    """app.command() with every failure mapped to its exit code (see _errors)."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        with _errors():
+            return fn(*args, **kwargs)
+
+    return app.command()(guarded)
 
 
 BackendsOpt = Annotated[
@@ -51,7 +106,7 @@ BackendsOpt = Annotated[
 ]
 ImagesOpt = Annotated[list[Path] | None, typer.Option("--images", help="image file or folder (repeatable)")]
 PrecisionOpt = Annotated[
-    str, typer.Option("--ncnn-precision", help="fp32 (parity) or fp16 (ncnn's fast defaults)")
+    str, typer.Option("--ncnn-precision", help="fp32 (parity), fp16 (ncnn's fast defaults) or bf16")
 ]
 VisOpt = Annotated[
     Path | None, typer.Option("--save-vis", help="detectors: draw each backend's boxes on the photos in DIR")
@@ -67,7 +122,7 @@ MarkdownOpt = Annotated[
 ]
 
 
-@app.command()
+@command
 def run(
     model: ModelArg,
     out: OutOpt = None,
@@ -96,29 +151,29 @@ def run(
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
     from .pipeline import Recipe, RunOptions
     from .pipeline import run as run_pipeline
+    from .report import check_output_files
 
-    try:
-        spec = load_spec(model, input_shape)
-        opts = RunOptions(
-            out=Path(out or Path("out") / spec.name),
-            backends=backends,
-            images=images_or_default(images, spec.task),
-            recipe=Recipe(converter=converter, fp16_weights=fp16, onnx2ncnn=onnx2ncnn),
-            opset=opset,
-            weights=weights,
-            ncnn_precision=ncnn_precision,
-            threads=threads,
-            save_vis=save_vis,
-            budget=_auto_budget(precision, budget),
-        )
-        result = run_pipeline(spec, opts)
-    except DeployError as exc:
-        _fail(exc)
-    _render(result, opts.out, report, junit, markdown)
+    check_output_files(report=report, junit=junit, markdown=markdown)
+    auto = _auto_budget(precision, budget, ncnn_precision, fp16)
+    spec = load_spec(model, input_shape)
+    opts = RunOptions(
+        out=Path(out or Path("out") / spec.name),
+        backends=backends,
+        images=images_or_default(images, spec.task),
+        recipe=Recipe(converter=converter, fp16_weights=fp16, onnx2ncnn=onnx2ncnn),
+        opset=opset,
+        weights=weights,
+        ncnn_precision=ncnn_precision,
+        threads=threads,
+        save_vis=save_vis,
+        budget=auto,
+    )
+    _render(run_pipeline(spec, opts), opts.out, report, junit, markdown)
 
 
-def _auto_budget(precision: str | None, budget: str | None) -> str | None:
-    """--precision auto --budget B -> B (the run benches and picks a variant); anything else: None."""
+def _auto_budget(precision: str | None, budget: str | None, ncnn_precision: str, fp16: bool) -> str | None:
+    """--precision auto --budget B -> B (the run benches and picks a variant); anything else: None.
+    The variant it picks sets the ncnn precision and the weights, so naming those too is a conflict."""
     if precision is None:
         if budget is not None:
             raise SpecError("--budget is used by --precision auto; add --precision auto or drop --budget")
@@ -129,17 +184,22 @@ def _auto_budget(precision: str | None, budget: str | None) -> str | None:
         )
     if budget is None:
         raise SpecError('--precision auto needs --budget, e.g. --budget "top1=1.0,rel=1e-2"')
+    if ncnn_precision != "fp32" or fp16:
+        given = "--fp16" if fp16 else f"--ncnn-precision {ncnn_precision}"
+        raise SpecError(
+            f"--precision auto chooses the precision itself; drop {given} or drop --precision auto"
+        )
     return budget
 
 
-@app.command()
+@command
 def parity(
     target: Annotated[
         Path, typer.Argument(help="a `run` --out folder, a .param (with its .bin), or an .onnx")
     ],
     model: Annotated[
         str | None,
-        typer.Option("--model", help="spec the artifacts came from [default: the folder's report.json]"),
+        typer.Option("--model", help="spec the artifacts came from (default: the folder's report.json)"),
     ] = None,
     backends: BackendsOpt = None,
     images: ImagesOpt = None,
@@ -165,49 +225,52 @@ def parity(
 ) -> None:
     """Compare backends on artifacts that already exist (nothing is exported or converted)."""
     from .parity import ParityOptions, run_parity
+    from .report import check_output_files
 
-    try:
-        opts = ParityOptions(
-            backends=backends,
-            images=tuple(images or ()),
-            weights=weights,
-            ncnn_precision=ncnn_precision,
-            threads=threads,
-            model=model,
-            input_shape=input_shape,
-            inputs_npz=inputs,
-            golden=golden,
-            save_golden=save_golden,
-            reference=reference,
-            layerwise=layerwise,
-            save_vis=save_vis,
-        )
-        result = run_parity(target, opts)
-    except DeployError as exc:
-        _fail(exc)
-    _render(result, target if target.is_dir() else None, report, junit, markdown)
+    check_output_files(report=report, junit=junit, markdown=markdown, save_golden=save_golden)
+    opts = ParityOptions(
+        backends=backends,
+        images=tuple(images or ()),
+        weights=weights,
+        ncnn_precision=ncnn_precision,
+        threads=threads,
+        model=model,
+        input_shape=input_shape,
+        inputs_npz=inputs,
+        golden=golden,
+        save_golden=save_golden,
+        reference=reference,
+        layerwise=layerwise,
+        save_vis=save_vis,
+    )
+    result = run_parity(target, opts)
+    _render(result, target if target.is_dir() else None, report, junit, markdown, stem="parity")
 
 
-def _render(result, folder: Path | None, report: Path | None, junit: Path | None, markdown: Path | None):
-    """Print the summary, write the report files; exit 0 (passed) or 1 (a parity check failed)."""
+def _render(result, folder: Path | None, report: Path | None, junit: Path | None, markdown: Path | None,
+            stem: str = "report"):  # fmt: skip
+    """Print the summary and write the report files; exit 0 (passed), 1 (a parity check failed) or 3
+    (a backend failed: the others' results are in the report all the same)."""
     from .report import console_summary, write_outputs
 
     console_summary(result, console)
-    try:
-        written = write_outputs(result, folder, report, junit, markdown)
-    except DeployError as exc:
-        _fail(exc)
+    written = write_outputs(result, folder, report, junit, markdown, stem)
     if written:
         console.print("  wrote " + ", ".join(map(str, written)))
+    failed = result.failed_backends
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more backend(s), see the report)" if len(failed) > 1 else ""
+        _fail(BackendError(f"{first.error}{more}; the other backends' results are in the report"))
     raise typer.Exit(0 if result.passed else 1)
 
 
-@app.command()
+@command
 def bench(
     model: ModelArg,
-    out: Annotated[Path | None, typer.Option("--out", help="folder [default: out/MODEL/bench]")] = None,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="timed runs per backend")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first")] = 3,
+    out: Annotated[Path | None, typer.Option("--out", help="folder (default: out/MODEL/bench)")] = None,
+    runs: Annotated[int, typer.Option("--runs", help="timed runs per backend")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed runs first")] = 3,
     threads: Annotated[str, typer.Option("--threads", help="thread counts, e.g. 1,2")] = "2",
     backends: Annotated[
         str | None,
@@ -217,7 +280,7 @@ def bench(
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
     budget: BudgetOpt = None,
-    retries: Annotated[int, typer.Option("--retries", min=0, help="re-measure noisy rows up to N times")] = 0,
+    retries: Annotated[int, typer.Option("--retries", help="re-measure noisy rows up to N times")] = 0,
 ) -> None:
     """Latency (median, p90, min) per backend and per ncnn precision variant, with parity for each, and
     the fastest variant within the accuracy budget."""
@@ -255,19 +318,31 @@ def _thread_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
-@app.command()
+@command
 def bundle(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="the bundle folder to write")],
-    work: Annotated[Path | None, typer.Option("--work", help="run folder [default: out/MODEL]")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="the bundle folder: a new or empty one, or an earlier bundle")
+    ],
+    work: Annotated[Path | None, typer.Option("--work", help="run folder (default: out/MODEL)")] = None,
     images: ImagesOpt = None,
     converter: ConverterOpt = "pnnx",
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = 2,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="also write into a non-empty folder that is not a deploytool bundle: the bundle's files "
+            "are added to it, files of the same name replaced, nothing else in it deleted",
+        ),
+    ] = False,
 ) -> None:
     """Convert MODEL, check parity (torch, ncnn-cpu, and the C++ runner when libncnn is built), and
-    write the folder that goes onto the board; nothing is written if parity fails."""
+    write the folder that goes onto the board; nothing is written if parity fails. --out must be a new
+    or empty folder or an earlier bundle (replaced; files you added to it are kept); the folder is
+    checked before any work."""
     from .bundle import make_bundle
     from .pipeline import Recipe, RunOptions
     from .report import console_summary
@@ -281,7 +356,7 @@ def bundle(
             weights=weights,
             threads=threads,
         )
-        result, path = make_bundle(spec, opts, out)
+        result, path = make_bundle(spec, opts, out, force=force)
     except DeployError as exc:
         _fail(exc)
     console_summary(result, console)
@@ -293,7 +368,7 @@ def bundle(
     console.print(f"wrote bundle {path}: see {path / 'README.md'} to build and run it on the board")
 
 
-@app.command()
+@command
 def export(
     model: ModelArg,
     out: OutOpt = None,
@@ -314,15 +389,15 @@ def export(
         console.print(f"wrote {path}")
 
 
-@app.command()
+@command
 def convert(
     file: Annotated[Path, typer.Argument(help="model.pt (TorchScript) or model.onnx")],
     converter: Annotated[
         str | None,
-        typer.Option("--converter", help="pnnx | pnnx-onnx | onnx2ncnn [default: from the file's suffix]"),
+        typer.Option("--converter", help="pnnx | pnnx-onnx | onnx2ncnn (default: from the file's suffix)"),
     ] = None,
     input_shape: ShapeOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="output folder [default: beside FILE]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default: beside FILE)")] = None,
     onnx2ncnn: Onnx2ncnnOpt = None,
     fp16: Fp16Opt = False,
 ) -> None:
@@ -339,7 +414,7 @@ def convert(
     )
 
 
-@app.command()
+@command
 def doctor() -> None:
     """Versions of every tool, Vulkan devices, converters, and which backends can run here."""
     from .doctor import facts
@@ -349,7 +424,7 @@ def doctor() -> None:
         console.print(f"{fact.name:20} {value}", highlight=False)
 
 
-@app.command()
+@command
 def models() -> None:
     """List the model specs in models/."""
     from .spec import available_models
@@ -376,10 +451,25 @@ def _main(
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    """The console script. SIGINT, SIGTERM and SIGHUP raise an Interrupted (a KeyboardInterrupt) in the
+    main thread, so every `finally` removes its temporary files; then one line `interrupted (SIGTERM)`
+    and exit 128 + the signal's number (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
+    import signal
+
+    from .atomic import interrupts_raise
+
+    code = 0
+    with interrupts_raise() as received:
+        try:
+            app()
+        except SystemExit as exc:  # typer exits with 130 for any KeyboardInterrupt: `received` says which
+            code = exc.code
+        except KeyboardInterrupt:
+            received[:] = received or [signal.SIGINT]
+    if received:
+        sys.stderr.write(f"interrupted ({signal.Signals(received[0]).name})\n")
+        sys.exit(128 + received[0])
+    sys.exit(code)
 
 
 if __name__ == "__main__":

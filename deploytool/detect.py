@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +66,18 @@ class DetectSettings:
 
     @classmethod
     def from_task_args(cls, args: dict[str, Any], source: str = "<spec>") -> DetectSettings:
-        """Validate [task_args]: confidence, iou, max_det, margin, score_tol, iou_min, names."""
-        known = {"confidence", "iou", "max_det", "margin", "score_tol", "iou_min", "box_tol_px", "names"}
-        unknown = set(args) - known
+        """Validate [task_args]: confidence, iou, max_det, margin, score_tol, iou_min, box_tol_px, names.
+        Every value must have the right type and range (no booleans, NaN or infinity); an unknown key is
+        an error, with the closest known key suggested."""
+        known = ("confidence", "iou", "max_det", "margin", "score_tol", "iou_min", "box_tol_px", "names")
+        if not isinstance(args, dict):
+            raise SpecError(f"{source}: task_args must be a table, got {args!r}")
+        unknown = sorted(set(args) - set(known))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise SpecError(
-                f"{source}: unknown task_args key(s) {', '.join(sorted(unknown))} for task 'detect'; "
+                f"{source}: unknown task_args key(s) {', '.join(unknown)} for task 'detect'; {hint}"
                 f"allowed: {', '.join(sorted(known))}"
             )
         d = cls()
@@ -83,20 +91,25 @@ class DetectSettings:
         values = {}
         for key, attr in fields.items():
             value = args.get(key, getattr(d, attr))
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            if not _is_number(value) or not 0 <= value <= 1:
                 raise SpecError(f"{source}: task_args.{key} must be a number in [0, 1], got {value!r}")
             values[attr] = float(value)
         max_det = args.get("max_det", d.max_det)
-        if not isinstance(max_det, int) or max_det <= 0:
+        if not isinstance(max_det, int) or isinstance(max_det, bool) or max_det <= 0:
             raise SpecError(f"{source}: task_args.max_det must be a positive integer, got {max_det!r}")
         box_tol = args.get("box_tol_px", d.box_tol_px)
-        if isinstance(box_tol, bool) or not isinstance(box_tol, int | float) or box_tol < 0:
-            raise SpecError(f"{source}: task_args.box_tol_px must be a number >= 0, got {box_tol!r}")
+        if not _is_number(box_tol) or box_tol < 0:
+            raise SpecError(f"{source}: task_args.box_tol_px must be a finite number >= 0, got {box_tol!r}")
         values["box_tol_px"] = float(box_tol)
         names = args.get("names", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise SpecError(f"{source}: task_args.names must be a list of strings")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise SpecError(f"{source}: task_args.names must be a list of non-empty strings")
         return cls(max_det=max_det, names=tuple(names), **values)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a boolean."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def postprocess(

@@ -6,9 +6,22 @@ import warnings
 from pathlib import Path
 
 from .atomic import atomic_path
-from .errors import ExportError
+from .errors import ExportError, SpecError
 
 DEFAULT_OPSET = 17
+# The --opset range accepted: what the TorchScript-based exporter writes and onnx.checker passes.
+MIN_OPSET, MAX_OPSET = 7, 21
+
+
+def check_opset(opset: int) -> int:
+    """`opset` if the ONNX exporter supports it; anything else is the user's error (--opset), raised
+    before the model is built."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SpecError(
+            f"--opset {opset} is outside what the ONNX exporter supports ({MIN_OPSET}..{MAX_OPSET}); "
+            f"try --opset {DEFAULT_OPSET}"
+        )
+    return opset
 
 
 def export_torchscript(model, example, path: Path) -> Path:
@@ -41,8 +54,7 @@ def export_onnx(
     import onnx
     import torch
 
-    if not 7 <= opset <= 21:
-        raise ExportError(f"--opset {opset} is outside what this exporter supports (7..21); try --opset 17")
+    check_opset(opset)
     # Only the input's H and W are declared dynamic; the exporter derives the outputs' shapes.
     dynamic_axes = {input_names[0]: {2: "height", 3: "width"}} if dynamic else None
     with atomic_path(path) as tmp:

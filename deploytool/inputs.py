@@ -64,10 +64,82 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return found
 
 
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IMAGE_FIX = "replace the file or leave it out of --images"
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of the first start-of-scan (SOS) segment of a JPEG, found by walking the marker segments
+    from SOI (so an EXIF thumbnail inside APP1 is skipped); None when the headers end before a scan."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return pos
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def check_image_bytes(path: Path, data: bytes) -> None:
+    """Refuse an image file that is empty, truncated or corrupt, with one line naming it. OpenCV decodes
+    a truncated JPEG with only a libjpeg warning on stderr (the missing rows grey), so a photo cut short
+    by a copy would otherwise be compared as if it were whole. Checks: a JPEG must have an end-of-image
+    marker (FF D9) after its first scan, a PNG its IEND chunk; JPEGs and PNGs must then decode with
+    Pillow (when it is installed), which refuses truncated and broken data streams."""
+    if not data:
+        raise SpecError(f"{path} is empty (0 bytes); {_IMAGE_FIX}")
+    if data.startswith(JPEG_SOI):
+        scan = _jpeg_scan_start(data)
+        if scan is None or data.find(JPEG_EOI, scan) < 0:
+            raise SpecError(
+                f"{path} is a truncated or corrupt JPEG (no end-of-image marker FF D9 after its image "
+                f"data); {_IMAGE_FIX}"
+            )
+        _check_with_pillow(path, "JPEG")
+    elif data.startswith(PNG_SIGNATURE):
+        if b"IEND" not in data:
+            raise SpecError(f"{path} is a truncated PNG (no IEND chunk); {_IMAGE_FIX}")
+        _check_with_pillow(path, "PNG")
+
+
+def _check_with_pillow(path: Path, kind: str) -> None:
+    """Decode with Pillow, if it is installed, and turn a decoding error into a SpecError."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+    except Image.DecompressionBombError:
+        return  # very large, not corrupt: OpenCV decides
+    except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for broken data
+        raise SpecError(f"{path} is a truncated or corrupt {kind} image ({exc}); {_IMAGE_FIX}") from None
+
+
 def read_image(path: Path) -> np.ndarray:
-    """Read an image as OpenCV does (BGR, uint8)."""
+    """Read an image as OpenCV does (BGR, uint8), after check_image_bytes: an empty, truncated or
+    corrupt file is a SpecError naming it."""
     import cv2
 
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    check_image_bytes(Path(path), data)
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise SpecError(f"{path} is not a readable image (OpenCV could not decode it)")

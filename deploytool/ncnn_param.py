@@ -30,6 +30,7 @@ class NcnnGraph:
     """A parsed .param file, layers in file (= execution) order."""
 
     layers: list[Layer]
+    blob_count: int | None = None  # as the header declares it
 
     @property
     def input_names(self) -> list[str]:
@@ -80,7 +81,7 @@ def parse_param_text(text: str, source: str = "<param>") -> NcnnGraph:
     if not lines or lines[0].strip() != PARAM_MAGIC:
         raise SpecError(f"{source} is not an ncnn .param file (first line must be {PARAM_MAGIC})")
     try:
-        layer_count, _blob_count = (int(v) for v in lines[1].split())
+        layer_count, blob_count = (int(v) for v in lines[1].split())
     except (IndexError, ValueError):
         raise SpecError(f"{source}: line 2 must hold the layer and blob counts") from None
     layers = []
@@ -99,7 +100,7 @@ def parse_param_text(text: str, source: str = "<param>") -> NcnnGraph:
         layers.append(Layer(tokens[0], tokens[1], bottoms, tops, params))
     if len(layers) != layer_count:
         raise SpecError(f"{source}: header declares {layer_count} layers but the file has {len(layers)}")
-    return NcnnGraph(layers)
+    return NcnnGraph(layers, blob_count)
 
 
 def read_param(path: Path | str) -> NcnnGraph:
@@ -107,4 +108,194 @@ def read_param(path: Path | str) -> NcnnGraph:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such .param file")
-    return parse_param_text(path.read_text(), str(path))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise SpecError(
+            f"{path} is not an ncnn .param (a text file); is it the .bin, or another format?"
+        ) from None
+    return parse_param_text(text, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# structure and .bin checks, run before ncnn sees the files (ncnn crashes on some malformed graphs)
+
+# The 4-byte storage tags ncnn's ModelBin reads before a "flagged" array (ModelBin::load type 0).
+TAG_FP32 = 0x00000000
+TAG_FP16 = 0x01306B47
+TAG_INT8 = 0x000D4B38
+TAG_FP32_SCALED = 0x0002C056
+
+# Layer types that load nothing from the .bin (their load_model is ncnn's default no-op). A type outside
+# this set and outside weight_arrays()'s list may load weights: checks after it only count minimums.
+WEIGHTLESS = frozenset(
+    """AbsVal BinaryOp BNLL Cast Clip Concat Crop CumulativeSum DeepCopy Dropout ELU Eltwise Exp ExpandDims
+    Flatten GELU HardSigmoid HardSwish Input Interp Log MatMul Mish Noop Packing Permute PixelShuffle Pooling
+    Power ReLU Reduction Reorg Reshape SELU ShuffleChannel Sigmoid Slice Softmax Split Squeeze Swish TanH
+    Threshold Tile UnaryOp""".split()
+)
+
+
+@dataclass(frozen=True)
+class WeightArray:
+    """One array a layer loads from the .bin, in load order."""
+
+    name: str
+    count: int  # elements
+    flagged: bool  # starts with a 4-byte storage tag (fp32/fp16/int8); else raw float32
+
+
+def weight_arrays(layer: Layer) -> list[WeightArray] | None:
+    """The arrays `layer` loads from the .bin, in order, as ncnn's load_model reads them; [] for a type
+    that loads nothing; None when not known here (int8-quantised layers load extra scale arrays, and
+    types outside this list and WEIGHTLESS are not modelled)."""
+    p, t = layer.params, layer.type
+    if t in WEIGHTLESS:
+        return []
+    if t in ("Convolution", "ConvolutionDepthWise"):
+        if p.get(8, 0):
+            return None  # int8: scales follow the weights
+        if p.get(19, 0):
+            return []  # dynamic weight: the weights arrive as a second input blob
+        arrays = [WeightArray("weight", int(p.get(6, 0)), True)]
+        if p.get(5, 0):
+            arrays.append(WeightArray("bias", int(p.get(0, 0)), False))
+        return arrays
+    if t == "InnerProduct":
+        if p.get(8, 0):
+            return None
+        arrays = [WeightArray("weight", int(p.get(2, 0)), True)]
+        if p.get(1, 0):
+            arrays.append(WeightArray("bias", int(p.get(0, 0)), False))
+        return arrays
+    if t == "BatchNorm":
+        n = int(p.get(0, 0))
+        return [WeightArray(name, n, False) for name in ("slope", "mean", "var", "bias")]
+    if t == "Scale":
+        n = int(p.get(0, 0))
+        arrays = [] if n == -233 else [WeightArray("scale", n, False)]
+        if p.get(1, 0):
+            arrays.append(WeightArray("bias", n, False))
+        return arrays
+    if t == "PReLU":
+        return [WeightArray("slope", int(p.get(0, 0)), False)]
+    if t == "Padding":
+        n = int(p.get(6, 0))
+        return [WeightArray("pad_value", n, False)] if n else []
+    if t == "Gemm":
+        if p.get(18, 0):
+            return None  # int8
+        m, n, k = int(p.get(7, 0)), int(p.get(8, 0)), int(p.get(9, 0))
+        arrays = []
+        if p.get(4, 0):
+            arrays.append(WeightArray("A", m * k, True))
+        if p.get(5, 0):
+            arrays.append(WeightArray("B", k * n, True))
+        broadcast_c = int(p.get(10, -1))
+        if p.get(6, 0) and broadcast_c != -1:
+            sizes = {0: 1, 1: m, 2: m, 3: m * n, 4: n}  # by constant_broadcast_type_C
+            if broadcast_c not in sizes:
+                return None
+            arrays.append(WeightArray("C", sizes[broadcast_c], True))
+        return arrays
+    if t == "MemoryData":  # ncnn loads (w,h,d,c), (w,h,c), (w,h) or (w) by the highest axis set, else 1
+        w, h, d, c = (int(p.get(k, 0)) for k in (0, 1, 11, 2))
+        count = w * h * d * c if d else w * h * c if c else w * h if h else w if w else 1
+        return [WeightArray("data", count, p.get(21, 1) == 0)]
+    return None
+
+
+def _align4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def _flagged_bytes(tag: int, count: int) -> int | None:
+    """Bytes after the tag, as ncnn's ModelBin reads them; None for a tag this reader does not know."""
+    if tag == TAG_FP16:
+        return _align4(2 * count)
+    if tag == TAG_INT8:
+        return _align4(count)
+    if tag in (TAG_FP32, TAG_FP32_SCALED):
+        return 4 * count
+    return None
+
+
+def check_structure(graph: NcnnGraph, source: str = "<param>") -> None:
+    """Refuse a graph ncnn would mis-wire: a blob consumed before (or without) being produced, a blob
+    name produced twice, more blobs than the header declares. Raises SpecError naming the layer."""
+    produced: dict[str, str] = {}
+    for layer in graph.layers:
+        for blob in layer.bottoms:
+            if blob not in produced:
+                raise SpecError(
+                    f"{source}: layer {layer.name} ({layer.type}) reads blob {blob!r}, which no earlier "
+                    "layer produces; the .param is malformed"
+                )
+        for blob in layer.tops:
+            if blob in produced:
+                raise SpecError(
+                    f"{source}: layer {layer.name} ({layer.type}) produces blob {blob!r}, which layer "
+                    f"{produced[blob]} already produces; the .param is malformed"
+                )
+            produced[blob] = layer.name
+    if graph.blob_count is not None and len(produced) > graph.blob_count:
+        raise SpecError(
+            f"{source}: the header declares {graph.blob_count} blobs but the layers produce {len(produced)}; "
+            "the .param is malformed"
+        )
+
+
+def check_model_bin(graph: NcnnGraph, bin_path: Path | str) -> None:
+    """Refuse a .bin too short for the weights its .param's layers load, naming the first layer that
+    reads past its end; and, when every layer's loads are known exactly, a .bin with bytes left over.
+
+    Walks the .bin as ncnn's ModelBin does (reading each flagged array's storage tag: fp32 4 bytes an
+    element, fp16 2, int8 1, after the 4-byte tag). After a layer whose loads are not known here, only
+    minimums are added (flagged arrays as int8), so only what is certainly wrong is refused.
+    """
+    bin_path = Path(bin_path)
+    try:
+        size = bin_path.stat().st_size
+    except OSError:
+        raise SpecError(f"{bin_path}: no such .bin file") from None
+    pos, exact = 0, True  # exact: `pos` is where ncnn would read next, not a lower bound
+    with open(bin_path, "rb") as fh:
+        for layer in graph.layers:
+            arrays = weight_arrays(layer)
+            if arrays is None:
+                exact = False
+                continue
+            start = pos
+            for array in arrays:
+                if not array.flagged:
+                    pos += 4 * array.count
+                elif not exact or pos + 4 > size:
+                    pos += 4 + _align4(array.count)  # the tag, then the smallest storage (int8)
+                else:
+                    fh.seek(pos)
+                    tag = int.from_bytes(fh.read(4), "little")
+                    nbytes = _flagged_bytes(tag, array.count)
+                    if nbytes is None:
+                        exact = False
+                        nbytes = _align4(array.count)
+                    pos += 4 + nbytes
+            if pos > size:
+                upto = "up to" if exact else "at least up to"
+                raise SpecError(
+                    f"{bin_path} does not match its .param (too short): layer {layer.name} ({layer.type}) "
+                    f"reads weights from byte {start} {upto} byte {pos} but the file has {size} bytes; "
+                    "convert the model again so both files come from one run"
+                )
+    if exact and pos < size:
+        raise SpecError(
+            f"{bin_path} does not match its .param: it has {size - pos} bytes more than the layers load "
+            f"({pos} of {size}); convert the model again so both files come from one run"
+        )
+
+
+def check_files(param: Path | str, bin_path: Path | str, graph: NcnnGraph | None = None) -> NcnnGraph:
+    """Read (unless given) and check a .param and its .bin before ncnn loads them; returns the graph."""
+    graph = graph if graph is not None else read_param(param)
+    check_structure(graph, str(param))
+    check_model_bin(graph, bin_path)
+    return graph

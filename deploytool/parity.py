@@ -39,18 +39,39 @@ class ParityOptions:
     reference: str | None = None
     layerwise: bool = False
 
-    def run_options(self, out: Path) -> RunOptions:
+    def __post_init__(self) -> None:
+        """Conflicting flags are refused, never resolved silently: a golden file and an .npz bring their
+        own inputs."""
+        givers = [
+            (flag, given)
+            for flag, given in (
+                ("--golden", self.golden),
+                ("--inputs", self.inputs_npz),
+                ("--input-shape", self.input_shape),
+                ("--images", self.images),
+            )
+            if given
+        ]
+        if self.golden is not None and self.reference is not None:
+            raise SpecError("--golden is the reference; drop --reference or drop --golden")
+        if len(givers) > 1 and givers[0][0] in ("--golden", "--inputs"):
+            others = ", ".join(flag for flag, _ in givers[1:])
+            raise SpecError(f"{givers[0][0]} brings its own inputs; drop {others}")
+        self.run_options(Path("."), None)  # the options parity shares with run, checked the same way
+
+    def run_options(self, out: Path, weights: str | None) -> RunOptions:
         return RunOptions(
-            out=out, backends=self.backends, images=self.images, weights=self.weights,
+            out=out, backends=self.backends, images=self.images, weights=weights,
             ncnn_precision=self.ncnn_precision, threads=self.threads, save_vis=self.save_vis,
         )  # fmt: skip
 
 
-def locate(target: Path) -> tuple[Artifacts, str | None]:
-    """The artifacts in a run folder or a single file, and the spec a run folder recorded."""
+def locate(target: Path) -> tuple[Artifacts, dict]:
+    """The artifacts in a run folder or a single file, and what a run folder's report.json recorded
+    (`spec`, `weights`)."""
     target = Path(target)
     art = Artifacts()
-    spec = None
+    recorded: dict = {}
     if target.is_dir():
         files = {"torchscript": "model.pt", "onnx": "model.onnx", "ncnn_param": "model.ncnn.param"}
         for attr, name in files.items():
@@ -59,9 +80,11 @@ def locate(target: Path) -> tuple[Artifacts, str | None]:
         report = target / "report.json"
         if report.is_file():
             try:
-                spec = json.loads(report.read_text()).get("spec")
-            except ValueError:
-                spec = None
+                data = json.loads(report.read_text())
+                weights = (data.get("artifacts") or {}).get("weights")
+                recorded = {"spec": data.get("spec"), "weights": weights}
+            except (ValueError, AttributeError):
+                recorded = {}
     elif target.is_file() and target.suffix in (".param", ".onnx", ".pt"):
         attr = {".param": "ncnn_param", ".onnx": "onnx", ".pt": "torchscript"}[target.suffix]
         setattr(art, attr, target)
@@ -83,7 +106,7 @@ def locate(target: Path) -> tuple[Artifacts, str | None]:
         raise SpecError(
             f"{target} holds no model.pt, model.onnx or model.ncnn.param; run `deploytool run` first"
         )
-    return art, spec
+    return art, recorded
 
 
 def _synth_spec(art: Artifacts, name: str, shape: tuple[int, ...] | None) -> ModelSpec:
@@ -91,7 +114,10 @@ def _synth_spec(art: Artifacts, name: str, shape: tuple[int, ...] | None) -> Mod
     if art.onnx is not None:
         import onnx
 
-        graph = onnx.load(str(art.onnx), load_external_data=False).graph
+        try:
+            graph = onnx.load(str(art.onnx), load_external_data=False).graph
+        except Exception as exc:  # protobuf's DecodeError and friends: the file is not an ONNX model
+            raise SpecError(f"{art.onnx} is not a readable ONNX model ({type(exc).__name__})") from None
         inits = {i.name for i in graph.initializer}
         ins = [i.name for i in graph.input if i.name not in inits]
         outs = [o.name for o in graph.output]
@@ -136,7 +162,9 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
     timer = StageTimer()
     art, recorded = locate(target)
     folder = Path(target) if Path(target).is_dir() else Path(target).parent
-    model = opts.model or recorded
+    model = opts.model or recorded.get("spec")
+    # the weights the run used, unless the user names other weights or another model
+    weights = opts.weights or (recorded.get("weights") if opts.model is None else None)
     shape = parse_shape(opts.input_shape) if opts.input_shape else None
     spec = (
         load_spec(model, opts.input_shape)
@@ -146,23 +174,10 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
     reference = _pick_reference(opts, art, model is not None)
     if art.meta is None and art.ncnn_param is not None and model is not None and spec.task in TASKS:
         art.meta = meta_for(spec, art.ncnn_param, num_classes=spec.factory_args.get("num_classes"))
-    backends, found = select_backends(opts.backends, reference, default=_default_backends(art, reference))
-    for backend in backends:
-        missing = [m for m in get_backend(backend).missing(art) if m != "model"]
-        if missing:
-            raise SpecError(
-                f"{target} has no {missing[0]} file for backend {backend}; drop it from --backends"
-            )
-    if REFERENCE in backends:
-        if model is None:
-            raise SpecError("the torch backend needs the model: pass --model")
-        with timer.stage("load"):
-            art.model = build_model(spec, opts.weights)
-
+    # the inputs first: a bad input file is reported before any backend is looked at
     preset: dict[str, list[dict]] = {}
     if opts.golden is not None:
         items, preset[GOLDEN], meta = read_golden(opts.golden)
-        found[GOLDEN] = (True, None)
         first = items[0].feed
         changes = {"output_names": list(preset[GOLDEN][0])}
         if len(first) == 1:
@@ -188,9 +203,25 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
             images = default_images()
         items = inputs_for(spec, images)
 
-    run_opts = opts.run_options(folder)
+    backends, found = select_backends(opts.backends, reference, default=_default_backends(art, reference))
+    for backend in backends:
+        missing = [m for m in get_backend(backend).missing(art) if m != "model"]
+        if missing:
+            raise SpecError(
+                f"{target} has no {missing[0]} file for backend {backend}; drop it from --backends"
+            )
+    if REFERENCE in backends:
+        if model is None:
+            raise SpecError("the torch backend needs the model: pass --model")
+        with timer.stage("load"):
+            art.model = build_model(spec, weights)
+
+    if opts.golden is not None:
+        found[GOLDEN] = (True, None)
+
+    run_opts = opts.run_options(folder, weights)
     outputs = dict(preset)
-    new_outputs, results = infer_all(spec, art, run_opts, backends, items, timer)
+    new_outputs, results = infer_all(spec, art, run_opts, backends, items, timer, reference)
     outputs.update(new_outputs)
     if opts.save_golden is not None:
         write_golden(
@@ -220,8 +251,12 @@ def _npz_item(path: Path, spec: ModelSpec) -> InputItem:
         if len(arrays) != 1:
             raise SpecError(f"{path} holds {sorted(arrays)}; it needs an array named {spec.input_name!r}")
         arrays = {spec.input_name: next(iter(arrays.values()))}
-    x = np.ascontiguousarray(arrays[spec.input_name], dtype=np.float32)
-    return InputItem(str(path), {spec.input_name: x})
+    x = arrays[spec.input_name]
+    if x.dtype.kind not in "fiub":
+        raise SpecError(
+            f"{path}: array {spec.input_name!r} holds {x.dtype} values; the input must be numbers"
+        )
+    return InputItem(str(path), {spec.input_name: np.ascontiguousarray(x, dtype=np.float32)})
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -229,10 +264,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise SpecError(f"{path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise SpecError(f"{path} is not a readable .npz file ({exc})") from None
+    except Exception as exc:  # zipfile, pickle and format errors all mean: not a usable .npz
+        raise SpecError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
 def write_golden(path: Path, items: list[InputItem], outputs: list[dict], meta: dict) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import platform
 import time
 from contextlib import contextmanager, nullcontext
@@ -15,9 +17,10 @@ from . import __version__, judge, progress
 from .atomic import atomic_path, write_text
 from .backends import REFERENCE, Artifacts, RunnerConfig, create_runner, get_backend, select_backends
 from .backends.base import by_spec_name
+from .backends.registry import NCNN_PRECISIONS
 from .convert import convert, pnnx_version
-from .errors import SpecError
-from .export import DEFAULT_OPSET, export_onnx, export_torchscript
+from .errors import BackendError, SpecError
+from .export import DEFAULT_OPSET, check_opset, export_onnx, export_torchscript
 from .inputs import inputs_for
 from .results import BackendResult, InputItem, RunReport
 from .spec import ModelSpec, build_model
@@ -48,6 +51,63 @@ class RunOptions:
     threads: int = 2
     save_vis: Path | None = None  # detectors: draw every backend's boxes on each photo here
     budget: str | None = None  # set: --precision auto, bench the variants and run the fastest within it
+
+    def __post_init__(self) -> None:
+        """Every option checked when it is made, before any work."""
+        from .convert import check_converter, check_onnx2ncnn
+        from .export import check_opset
+
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+        check_converter(self.recipe.converter)
+        if self.recipe.converter == "onnx2ncnn" and self.recipe.onnx2ncnn is not None:
+            check_onnx2ncnn(self.recipe.onnx2ncnn)
+        check_opset(self.opset)
+        _choice(self.ncnn_precision, NCNN_PRECISIONS, "--ncnn-precision")
+        if self.threads < 1:
+            raise SpecError(f"--threads must be at least 1, got {self.threads}")
+        if self.budget is not None:
+            judge.parse_budget(self.budget)
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise SpecError(f"unknown {flag} {value!r}; {hint}choose one of {', '.join(choices)}")
+
+
+# What a run writes into its folder: a new run first removes these, so that a folder never presents
+# files from two runs as one (an interrupted re-run leaves no earlier report beside new model files).
+RUN_MARKER = ".deploytool-run"
+RUN_FILES = (
+    "model.pt", "model.onnx", "model.ncnn.param", "model.ncnn.bin", "meta.json", "report.json",
+    "junit.xml", "report.md", "errors.png", "layers.png", "bench.json",
+)  # fmt: skip
+
+
+def prepare_run_folder(out: Path) -> None:
+    """Make `out` ready for a new run: created if missing; a folder an earlier run wrote (it holds the
+    marker) loses that run's files; a folder of someone else's that holds a file of the same name as
+    one the run writes is refused, so nothing of the user's is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"cannot create --out {out}: {exc.strerror}; choose another --out") from None
+    marker = out / RUN_MARKER
+    clash = [n for n in RUN_FILES if (out / n).exists()]
+    if clash and not marker.is_file():
+        raise SpecError(
+            f"--out {out} holds {', '.join(clash)} that deploytool did not write; choose an empty or new "
+            "folder (nothing was changed)"
+        )
+    if not os.access(out, os.W_OK):
+        raise SpecError(f"--out {out} is not writable; choose another --out")
+    for name in clash:
+        (out / name).unlink()
+    write_text(marker, f"deploytool {__version__} run folder: a new run replaces {', '.join(RUN_FILES)}\n")
 
 
 class StageTimer:
@@ -100,7 +160,6 @@ def run(spec: ModelSpec, opts: RunOptions) -> RunReport:
     backends, found = select_backends(opts.backends)
     items = inputs_for(spec, list(opts.images))
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     needs_ncnn = any(get_backend(b).family == "ncnn" for b in backends)
     art = build_artifacts(spec, opts, items[0].tensor, out, timer, convert_ncnn=needs_ncnn)
     outputs, results = infer_all(spec, art, opts, backends, items, timer)
@@ -124,9 +183,8 @@ def export_model(
     spec: ModelSpec, model, x: np.ndarray, out: Path, opset: int = DEFAULT_OPSET,
     formats: tuple[str, ...] = EXPORT_FORMATS,
 ) -> Artifacts:  # fmt: skip
-    """Check the eager model runs on `x`, then export TorchScript and/or ONNX into `out`."""
+    """Export TorchScript and/or ONNX into `out` (the model must run on `x`: see _try_forward)."""
     example = _example_tensor(x)
-    _try_forward(model, example, spec)
     art = Artifacts(model=model)
     if "torchscript" in formats:
         art.torchscript = export_torchscript(model, example, out / "model.pt")
@@ -140,6 +198,7 @@ def export_model(
 
 def export(spec: ModelSpec, out: Path, formats: str, opset: int = DEFAULT_OPSET, weights: str | None = None):
     """`deploytool export`: build the model and write the requested formats; returns the paths."""
+    check_opset(opset)
     wanted = tuple(f.strip() for f in formats.split(",") if f.strip())
     bad = [f for f in wanted if f not in EXPORT_FORMATS]
     if bad or not wanted:
@@ -147,8 +206,10 @@ def export(spec: ModelSpec, out: Path, formats: str, opset: int = DEFAULT_OPSET,
     timer = StageTimer()
     with timer.stage("load"):
         model = build_model(spec, weights)
+        x = np.zeros(spec.input_shape, np.float32)
+        _try_forward(model, _example_tensor(x), spec)
     with timer.stage("export"):
-        art = export_model(spec, model, np.zeros(spec.input_shape, np.float32), out, opset, wanted)
+        art = export_model(spec, model, x, out, opset, wanted)
     return [p for p in (art.torchscript, art.onnx) if p is not None]
 
 
@@ -170,9 +231,12 @@ def convert_stage(spec: ModelSpec, art: Artifacts, recipe: Recipe, out: Path) ->
 def build_artifacts(
     spec: ModelSpec, opts: RunOptions, x: np.ndarray, out: Path, timer: StageTimer, convert_ncnn: bool = True
 ) -> Artifacts:
-    """Build the model, export it and (when an ncnn backend runs) convert it, timing each stage."""
+    """Build the model and check it runs on `x`, then (and only then) make `out` ready, export the model
+    and (when an ncnn backend runs) convert it, timing each stage."""
     with timer.stage("load"):
         model = build_model(spec, opts.weights)
+        _try_forward(model, _example_tensor(x), spec)
+    prepare_run_folder(out)
     with timer.stage("export"):
         art = export_model(spec, model, x, out, opts.opset)
     if convert_ncnn:
@@ -183,32 +247,43 @@ def build_artifacts(
 
 def infer_all(
     spec: ModelSpec, art: Artifacts, opts: RunOptions, backends: list[str], items: list[InputItem],
-    timer: StageTimer,
+    timer: StageTimer, reference: str = REFERENCE,
 ) -> tuple[dict[str, list[dict]], dict[str, BackendResult]]:  # fmt: skip
     """Run every backend on the same inputs: ({backend: [outputs by spec name, one per input]},
-    {backend: what it was and how fast})."""
+    {backend: what it was and how fast}). A backend other than the reference that fails (a crash,
+    native or not) is recorded with its error and the others still run."""
     config = RunnerConfig(
         tuple([spec.input_name]), tuple(spec.output_names), opts.ncnn_precision, opts.threads
     )
     outputs: dict[str, list[dict]] = {}
     results: dict[str, BackendResult] = {}
     for name in backends:
-        runner = create_runner(name, art, config)
-        with timer.stage(f"infer:{name}"), runner:
-            outs, firsts = [], []
-            for item in items:
-                outs.append(by_spec_name(runner.infer_item(item), spec.output_names))
-                if item.at_spec_shape:
-                    firsts.append(runner.last_latency_s)
-            first = next(i for i in items if i.at_spec_shape)
-            seconds, method = runner.warm_latency(first.feed, firsts)
-            takes = opts.ncnn_precision if get_backend(name).takes_precision else None
-            results[name] = BackendResult(
-                name, device=runner.device(), latency_ms_median=round(seconds * 1e3, 3),
-                latency_method=method, precision=takes, extra=runner.extra(),
-            )  # fmt: skip
-        outputs[name] = outs
+        try:
+            with timer.stage(f"infer:{name}"):
+                outputs[name], results[name] = _infer_one(name, spec, art, opts, config, items)
+        except BackendError as exc:
+            if name == reference:
+                raise
+            results[name] = BackendResult(name, error=str(exc))
     return outputs, results
+
+
+def _infer_one(
+    name: str, spec: ModelSpec, art: Artifacts, opts: RunOptions, config: RunnerConfig, items: list[InputItem]
+) -> tuple[list[dict], BackendResult]:
+    with create_runner(name, art, config) as runner:
+        outs, firsts = [], []
+        for item in items:
+            outs.append(by_spec_name(runner.infer_item(item), spec.output_names))
+            if item.at_spec_shape:
+                firsts.append(runner.last_latency_s)
+        first = next(i for i in items if i.at_spec_shape)
+        seconds, method = runner.warm_latency(first.feed, firsts)
+        takes = opts.ncnn_precision if get_backend(name).takes_precision else None
+        return outs, BackendResult(
+            name, device=runner.device(), latency_ms_median=round(seconds * 1e3, 3),
+            latency_method=method, precision=takes, extra=runner.extra(),
+        )  # fmt: skip
 
 
 def judge_run(
@@ -234,7 +309,7 @@ def judge_run(
             "converter": art.converter,
             "converter_log": _str(art.converter_log),
             "fp16_weights": opts.recipe.fp16_weights,
-            "weights": opts.weights,
+            "weights": str(Path(opts.weights).resolve()) if opts.weights else None,
         },
         input={
             "name": spec.input_name,

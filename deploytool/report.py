@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .atomic import write_text
+from .errors import SpecError
 from .results import RunReport, TensorComparison
 
 
@@ -61,6 +63,8 @@ def console_summary(report: RunReport, console: Console) -> None:
     for name, info in report.backends.items():
         if not info.available:
             console.print(f"  [yellow]skipped {name}[/]: {info.reason}")
+        elif info.error is not None:
+            console.print(f"  [red]{name} failed[/]: {info.error}", highlight=False)
         elif info.latency_ms_median is not None:
             dev = f" on {info.device}" if info.device not in (None, "cpu") else ""
             console.print(
@@ -82,7 +86,11 @@ def console_summary(report: RunReport, console: Console) -> None:
     verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
     extra = "".join(
         f"; {what} failed: {', '.join(names)}"
-        for what, names in (("task checks", report.failed_tasks), ("layer-wise", report.failed_layerwise))
+        for what, names in (
+            ("task checks", report.failed_tasks),
+            ("layer-wise", report.failed_layerwise),
+            ("backends", [b.name for b in report.failed_backends]),
+        )
         if names
     )
     passed = sum(c.passed for c in report.comparisons)
@@ -167,6 +175,10 @@ def write_junit(report: RunReport, path: Path | str) -> Path:
         if not t.passed:
             failures += 1
             ET.SubElement(case, "failure", message=json.dumps({**t.metrics(), "passed": t.passed}))
+    for b in report.failed_backends:
+        case = ET.SubElement(suite, "testcase", classname=f"{report.model}.{b.name}", name="run")
+        failures += 1
+        ET.SubElement(case, "error", message=b.error)
     for name, first in report.first_failure.items():
         case = ET.SubElement(suite, "testcase", classname=f"{report.model}.layerwise", name=name)
         if first is not None:
@@ -209,6 +221,8 @@ def write_markdown(report: RunReport, path: Path | str, pictures: list[Path] | N
     skipped = [f"{n} ({b.reason})" for n, b in report.backends.items() if not b.available]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped)]
+    for b in report.failed_backends:
+        lines += ["", f"**{b.name} failed**: {b.error}"]
     lines += [""] + [f"Note: {n}" for n in report.notes] if report.notes else []
     stages = ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in report.stages.items())
     lines += ["", f"Stages: {stages}"]
@@ -219,30 +233,55 @@ def write_markdown(report: RunReport, path: Path | str, pictures: list[Path] | N
 
 def write_outputs(
     report: RunReport, folder: Path | None, json_path: Path | None = None, junit: Path | None = None,
-    markdown: Path | None = None,
+    markdown: Path | None = None, stem: str = "report",
 ) -> list[Path]:  # fmt: skip
-    """report.json, junit.xml, report.md and its PNGs into the run folder, and wherever else asked;
-    returns the paths written."""
+    """STEM.json, junit.xml, STEM.md and its PNGs into the run folder (`parity` uses the stem
+    "parity", so it never overwrites the run's own report), and wherever else asked; returns the
+    paths written. A path that cannot be written is the user's error."""
     from . import plots
 
-    written = []
-    for path, writer in (
-        (folder and folder / "report.json", write_json),
-        (folder and folder / "junit.xml", write_junit),
-        (json_path, write_json),
-        (junit, write_junit),
-    ):
-        if path:
-            written.append(writer(report, path))
-    for md in (folder and folder / "report.md", markdown):
-        if md:
-            pictures = [
-                p
-                for p in (
-                    plots.error_histograms(report, md.parent / "errors.png"),
-                    plots.layer_curves(report, md.parent / "layers.png"),
-                )
-                if p
-            ]
-            written += [*pictures, write_markdown(report, md, pictures)]
+    prefix = "" if stem == "report" else f"{stem}-"
+    written: list[Path] = []
+    try:
+        for path, writer in (
+            (folder and folder / f"{stem}.json", write_json),
+            (folder and folder / f"{prefix}junit.xml", write_junit),
+            (json_path, write_json),
+            (junit, write_junit),
+        ):
+            if path:
+                written.append(writer(report, path))
+        for md, pre in ((folder and folder / f"{stem}.md", prefix), (markdown, "")):
+            if md:
+                pictures = [
+                    p
+                    for p in (
+                        plots.error_histograms(report, md.parent / f"{pre}errors.png"),
+                        plots.layer_curves(report, md.parent / f"{pre}layers.png"),
+                    )
+                    if p
+                ]
+                written += [*pictures, write_markdown(report, md, pictures)]
+    except OSError as exc:
+        raise SpecError(f"cannot write {exc.filename or 'a report file'}: {exc.strerror}") from None
     return list(dict.fromkeys(written))
+
+
+def check_output_files(**paths: Path | None) -> None:
+    """Refuse, before any work, an output file (by its flag, e.g. report=…) that is a folder or whose
+    folder cannot be made."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        path, name = Path(path), "--" + flag.replace("_", "-")
+        if path.is_dir():
+            raise SpecError(f"{name} {path} is a folder; give a file name such as {path / 'out.json'}")
+        parent = path.parent
+        if parent.exists() and not parent.is_dir():
+            raise SpecError(f"{name} {path}: {parent} is a file, not a folder")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpecError(f"{name} {path}: cannot create {parent} ({exc.strerror})") from None
+        if not os.access(parent, os.W_OK):
+            raise SpecError(f"{name} {path}: {parent} is not writable")

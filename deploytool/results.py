@@ -113,6 +113,7 @@ class BackendResult:
     latency_method: str | None = None
     precision: str | None = None  # the ncnn precision mode, for backends that take one
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. preprocess_max_abs, a golden file
+    error: str | None = None  # it ran, and failed (crashed, natively or not): the stage, signal and log
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"available": self.available, "reason": self.reason, "device": self.device}
@@ -121,6 +122,8 @@ class BackendResult:
             out["latency_method"] = self.latency_method
         if self.precision is not None:
             out["precision"] = self.precision
+        if self.error is not None:
+            out["error"] = self.error
         out.update(self.extra)
         return out
 
@@ -165,9 +168,21 @@ class RunReport:
     notes: list[str] = field(default_factory=list)  # e.g. why --precision auto chose a variant
 
     @property
+    def checks(self) -> int:
+        """How many verdicts the report holds: tensor comparisons, task and layer-wise checks."""
+        return len(self.comparisons) + len(self.task) + len(self.first_failure)
+
+    @property
+    def failed_backends(self) -> list[BackendResult]:
+        return [b for b in self.backends.values() if b.error is not None]
+
+    @property
     def passed(self) -> bool:
+        """Every check passed, no backend failed, and something was checked."""
         return (
-            all(c.passed for c in self.comparisons)
+            self.checks > 0
+            and not self.failed_backends
+            and all(c.passed for c in self.comparisons)
             and all(t.passed for t in self.task.values())
             and all(f is None for f in self.first_failure.values())
         )

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import math
 import os
 import re
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from .errors import SpecError
+from .errors import DeployError, SpecError
 
 TASKS = ("classify", "detect", "raw")
 RESIZE_MODES = ("resize", "letterbox")
@@ -82,24 +85,79 @@ class ModelSpec:
         return DEFAULT_TOLERANCES["default"]
 
 
+# An input tensor larger than this is refused before anything is allocated: 2**28 float32 values are 1 GiB,
+# and every backend holds several copies of its input and activations.
+MAX_INPUT_ELEMENTS = 2**28
+# A spec's name becomes the folder out/NAME: one path component, nothing that climbs out of --out.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_IMPORT_SPEC = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}")
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+IMAGE_TASKS = ("classify", "detect")
+
+_TOP_KEYS = (
+    "name", "factory", "task", "description", "factory_args", "input", "output", "preprocess", "tolerance",
+    "pnnx", "task_args",
+)  # fmt: skip
+_TABLE_KEYS = {
+    "input": ("name", "shape", "dynamic_shapes"),
+    "output": ("names",),
+    "preprocess": ("color", "resize", "pad_value", "scale", "mean", "std"),
+    "pnnx": ("moduleop",),
+}
+_TOLERANCE_KEYS = ("atol", "rtol", "peak_rtol", "outputs")
+_CLASSIFY_ARGS = ("top_k", "names")
+
+
+def model_dirs() -> list[Path]:
+    """The folders searched for a named spec, in order: each folder of $DEPLOYTOOL_MODELS (os.pathsep
+    separated), ./models, then the models/ folder shipped with deploytool. A name found in an earlier
+    folder hides the same name in a later one; a ./models folder never hides the bundled specs."""
+    dirs = [Path(entry) for entry in os.environ.get("DEPLOYTOOL_MODELS", "").split(os.pathsep) if entry]
+    for d in dirs:
+        if not d.is_dir():
+            raise SpecError(f"DEPLOYTOOL_MODELS names {d}, which is not a folder; fix or unset it")
+    dirs += [d for d in (Path.cwd() / "models", BUNDLED_MODELS) if d.is_dir()]
+    unique: dict[Path, Path] = {}
+    for d in dirs:
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
+
+
 def models_dir() -> Path:
-    """Where named specs live: $DEPLOYTOOL_MODELS, else ./models, else the repo's models/."""
-    env = os.environ.get("DEPLOYTOOL_MODELS")
-    if env:
-        return Path(env)
-    here = Path.cwd() / "models"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parent.parent / "models"
+    """The first folder searched for named specs (see model_dirs)."""
+    dirs = model_dirs()
+    return dirs[0] if dirs else BUNDLED_MODELS
+
+
+def find_model(name: str) -> Path | None:
+    """The spec file for a model name: NAME.toml in the first folder of model_dirs() that has it."""
+    if not _SAFE_NAME.fullmatch(name):
+        return None
+    for d in model_dirs():
+        path = d / f"{name}.toml"
+        if path.is_file():
+            return path
+    return None
 
 
 def available_models() -> list[str]:
-    d = models_dir()
-    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+    """Every model name found in model_dirs(), sorted (a name counts once, from the first folder)."""
+    return sorted({p.stem for d in model_dirs() for p in d.glob("*.toml") if _SAFE_NAME.fullmatch(p.stem)})
+
+
+def _check_elements(dims: tuple[int, ...], what: str) -> None:
+    count = math.prod(dims)
+    if count > MAX_INPUT_ELEMENTS:
+        raise SpecError(
+            f"{what} has {count:,} elements; the limit is {MAX_INPUT_ELEMENTS:,} (2**28, 1 GiB of float32): "
+            "pass a smaller shape"
+        )
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """Parse '1,3,224,224' (brackets and x separators accepted) into a tuple of positive ints."""
+    """Parse '1,3,224,224' (brackets and x separators accepted) into a tuple of positive ints, at most
+    MAX_INPUT_ELEMENTS elements in all."""
     tokens = re.split(r"[,x]", text.strip().strip("[]()").replace(" ", ""))
     try:
         dims = tuple(int(v) for v in tokens)
@@ -109,13 +167,86 @@ def parse_shape(text: str) -> tuple[int, ...]:
         ) from None
     if not dims or any(d <= 0 for d in dims):
         raise SpecError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
+    _check_elements(dims, f"--input-shape {text}")
     return dims
 
 
+def _type_name(value: Any) -> str:
+    """How a wrong value is shown in a message: tables and lists by kind, anything else by repr."""
+    if isinstance(value, dict):
+        return "a table"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value: Any, where: str, low: float | None = None, high: float | None = None, *,
+            positive: bool = False) -> float:  # fmt: skip
+    """A finite int or float (not a boolean), > 0 with `positive`, else within [low, high]."""
+    if positive:
+        ok, need = _is_number(value) and value > 0, "a finite number > 0"
+    elif high is not None:
+        ok, need = _is_number(value) and low <= value <= high, f"a number in [{low:g}, {high:g}]"
+    elif low is not None:
+        ok, need = _is_number(value) and value >= low, f"a finite number >= {low:g}"
+    else:
+        ok, need = _is_number(value), "a finite number"
+    if not ok:
+        raise SpecError(f"{where} must be {need}, got {_type_name(value)}")
+    return float(value)
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{where} must be a non-empty string, got {_type_name(value)}")
+    return value
+
+
+def _strings(value: Any, where: str, *, non_empty: bool = False) -> list[str]:
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, str) and v for v in value)
+        or (non_empty and not value)
+    ):
+        need = "a non-empty list" if non_empty else "a list"
+        raise SpecError(f"{where} must be {need} of non-empty strings, got {value!r}")
+    return list(value)
+
+
+def _table(data: dict[str, Any], key: str, where: str, allowed: tuple[str, ...] | None = None) -> dict:
+    """data[key] (default {}), which must be a TOML table holding only `allowed` keys."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise SpecError(f"{where} must be a TOML table, got {_type_name(value)}")
+    if allowed is not None:
+        _known_keys(value, allowed, where)
+    return value
+
+
+def _known_keys(table: dict[str, Any], allowed: tuple[str, ...] | set[str], where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(allowed), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SpecError(
+            f"{where}: unknown key(s) {', '.join(unknown)}{hint} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
 def _shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+    if not ok or any(v <= 0 for v in value):
         raise SpecError(f"{where}: expected a list of positive integers like [1, 3, 224, 224], got {value!r}")
-    return tuple(value)
+    dims = tuple(value)
+    _check_elements(dims, where)
+    return dims
 
 
 def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
@@ -125,101 +256,198 @@ def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
 
 
 def _triple(value: Any, where: str) -> tuple[float, float, float]:
-    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, int | float) for v in value):
-        raise SpecError(f"{where}: expected three numbers, got {value!r}")
+    if not isinstance(value, list) or len(value) != 3 or not all(_is_number(v) for v in value):
+        raise SpecError(f"{where}: expected three finite numbers, got {value!r}")
     return tuple(float(v) for v in value)
 
 
-def _tolerance(table: Any, where: str) -> Tolerance:
-    if not isinstance(table, dict) or not {"atol", "rtol"} <= set(table):
+def _tolerance(table: dict[str, Any], where: str) -> Tolerance:
+    if not {"atol", "rtol"} <= set(table):
         raise SpecError(f"{where} needs both atol and rtol")
-    try:
-        return Tolerance(float(table["atol"]), float(table["rtol"]))
-    except (TypeError, ValueError):
-        raise SpecError(f"{where}: atol and rtol must be numbers") from None
+    return Tolerance(
+        _number(table["atol"], f"{where}.atol", 0.0),
+        _number(table["rtol"], f"{where}.rtol", 0.0),
+        _number(table.get("peak_rtol", 0.0), f"{where}.peak_rtol", 0.0),
+    )
+
+
+def tolerance_keys() -> list[str]:
+    """The keys a [tolerance.KEY] table may have: default, a precision (fp16, bf16), a backend, or
+    BACKEND-PRECISION (backends and precisions from the backend registry)."""
+    from .backends.registry import BACKENDS, NCNN_PRECISIONS
+
+    precisions = [p for p in NCNN_PRECISIONS if p != "fp32"]
+    return ["default", *precisions, *BACKENDS, *(f"{b}-{p}" for b in BACKENDS for p in precisions)]
+
+
+def _tolerances(data: dict[str, Any], outputs: list[str], source: str) -> dict[str, Tolerance]:
+    tolerances = dict(DEFAULT_TOLERANCES)
+    allowed = tolerance_keys()
+    for key, tol in _table(data, "tolerance", f"{source}: tolerance").items():
+        where = f"{source}: tolerance.{key}"
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SpecError(
+                f"{where}: unknown backend or precision {key!r}; {hint}use default, a backend "
+                "(deploytool doctor lists them), a precision (fp16, bf16) or BACKEND-PRECISION"
+            )
+        if not isinstance(tol, dict):
+            raise SpecError(f"{where} must be a table with atol and rtol, got {_type_name(tol)}")
+        _known_keys(tol, _TOLERANCE_KEYS, where)
+        per_output = _table(tol, "outputs", f"{where}.outputs")
+        for output, sub in per_output.items():
+            sub_where = f"{where}.outputs.{output}"
+            if output not in outputs:
+                raise SpecError(
+                    f"{sub_where}: no output named {output!r} (output.names: {', '.join(outputs)})"
+                )
+            if not isinstance(sub, dict):
+                raise SpecError(f"{sub_where} must be a table with atol and rtol, got {_type_name(sub)}")
+            _known_keys(sub, ("atol", "rtol", "peak_rtol"), sub_where)
+            tolerances[f"{key}/{output}"] = _tolerance(sub, sub_where)
+        if {"atol", "rtol", "peak_rtol"} & set(tol) or not per_output:
+            tolerances[key] = _tolerance(tol, where)
+    return tolerances
+
+
+def _preprocess(data: dict[str, Any], source: str) -> Preprocess:
+    pre = _table(data, "preprocess", f"{source}: preprocess", _TABLE_KEYS["preprocess"])
+    where = f"{source}: preprocess"
+    preprocess = Preprocess(
+        color=_choice(pre.get("color", "rgb"), COLORS, f"{where}.color"),
+        resize=_choice(pre.get("resize", "resize"), RESIZE_MODES, f"{where}.resize"),
+        pad_value=_number(pre.get("pad_value", 114), f"{where}.pad_value (a pixel value)", 0, 255),
+        scale=_number(pre.get("scale", 1 / 255), f"{where}.scale", positive=True),
+        mean=_triple(pre.get("mean", [0, 0, 0]), f"{where}.mean"),
+        std=_triple(pre.get("std", [1, 1, 1]), f"{where}.std"),
+    )
+    if any(s == 0 for s in preprocess.std):
+        raise SpecError(f"{where}.std must not contain 0")
+    return preprocess
+
+
+def _task_args(data: dict[str, Any], task: str, factory_args: dict[str, Any], source: str) -> dict[str, Any]:
+    """[task_args], validated for the task: detect's by DetectSettings, classify's top_k and names; raw
+    takes none."""
+    where = f"{source}: task_args"
+    args = _table(data, "task_args", where)
+    if task == "detect":
+        from .detect import DetectSettings
+
+        DetectSettings.from_task_args(args, source)
+    elif task == "classify":
+        _known_keys(args, _CLASSIFY_ARGS, f"{where} (task 'classify')")
+        top_k = args.get("top_k", 5)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise SpecError(f"{where}.top_k must be a positive integer, got {_type_name(top_k)}")
+        classes = factory_args.get("num_classes")
+        if isinstance(classes, int) and not isinstance(classes, bool) and top_k > classes:
+            raise SpecError(f"{where}.top_k = {top_k} is more than the model's {classes} classes")
+        _strings(args.get("names", []), f"{where}.names")
+    elif args:
+        raise SpecError(
+            f"{where}: task {task!r} takes no task_args (got {', '.join(sorted(args))}); "
+            "set task = 'classify' or 'detect', or remove [task_args]"
+        )
+    return dict(args)
+
+
+def check_input_shape(spec: ModelSpec) -> None:
+    """The input shape fits the task: image tasks take one [1, 3, H, W] photo at a time, and every
+    dynamic shape has the input's rank (and, for images, the same form)."""
+    shapes = [spec.input_shape, *spec.dynamic_shapes]
+    if spec.task in IMAGE_TASKS:
+        for shape in shapes:
+            if len(shape) != 4 or shape[0] != 1 or shape[1] != 3:
+                raise SpecError(
+                    f"{spec.source}: a {spec.task} model takes one RGB/BGR photo, so its input shape must "
+                    f"be 1,3,H,W; got {','.join(map(str, shape))} (check input.shape, input.dynamic_shapes "
+                    "or --input-shape)"
+                )
+    for shape in spec.dynamic_shapes:
+        if len(shape) != len(spec.input_shape):
+            raise SpecError(
+                f"{spec.source}: input.dynamic_shapes entry {list(shape)} has rank {len(shape)}, but the "
+                f"input shape {list(spec.input_shape)} has rank {len(spec.input_shape)}"
+            )
+
+
+def check_name(name: Any, where: str) -> str:
+    """A spec name is one safe file name (it becomes the folder out/NAME)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise SpecError(
+            f"{where}: name {name!r} is not a safe folder name (it becomes out/NAME); use 1-100 letters, "
+            "digits, '_', '.' or '-', not starting with '.' or '-', e.g. name = 'resnet18'"
+        )
+    return name
 
 
 def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
-    """Validate a parsed TOML document; every error names the file and the key."""
-    known = {
-        "name",
-        "factory",
-        "task",
-        "description",
-        "factory_args",
-        "input",
-        "output",
-        "preprocess",
-        "tolerance",
-        "pnnx",
-        "task_args",
-    }
-    unknown = set(data) - known
-    if unknown:
-        raise SpecError(
-            f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}"
-        )
+    """Validate a whole parsed TOML document (types, ranges, unknown keys at every level, the task's
+    arguments); every error names the file and the key."""
+    _known_keys(data, _TOP_KEYS, source)
     for key in ("name", "factory"):
         if not isinstance(data.get(key), str):
             raise SpecError(f"{source}: missing string key {key!r}")
-    inp = data.get("input", {})
-    out = data.get("output", {})
-    pre = data.get("preprocess", {})
-    preprocess = Preprocess(
-        color=_choice(pre.get("color", "rgb"), COLORS, f"{source}: preprocess.color"),
-        resize=_choice(pre.get("resize", "resize"), RESIZE_MODES, f"{source}: preprocess.resize"),
-        pad_value=float(pre.get("pad_value", 114)),
-        scale=float(pre.get("scale", 1 / 255)),
-        mean=_triple(pre.get("mean", [0, 0, 0]), f"{source}: preprocess.mean"),
-        std=_triple(pre.get("std", [1, 1, 1]), f"{source}: preprocess.std"),
-    )
-    if any(s == 0 for s in preprocess.std):
-        raise SpecError(f"{source}: preprocess.std must not contain 0")
-    tolerances = dict(DEFAULT_TOLERANCES)
-    for key, tol in data.get("tolerance", {}).items():
-        if not isinstance(tol, dict):
-            raise SpecError(f"{source}: tolerance.{key} must be a table with atol and rtol")
-        for output, sub in tol.get("outputs", {}).items():
-            tolerances[f"{key}/{output}"] = _tolerance(sub, f"{source}: tolerance.{key}.outputs.{output}")
-        if {"atol", "rtol"} & set(tol) or not tol.get("outputs"):
-            tolerances[key] = _tolerance(tol, f"{source}: tolerance.{key}")
-    shape = _shape(inp.get("shape", [1, 3, 224, 224]), f"{source}: input.shape")
-    dynamic = [_shape(s, f"{source}: input.dynamic_shapes") for s in inp.get("dynamic_shapes", [])]
-    names = out.get("names", ["output"])
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise SpecError(f"{source}: output.names must be a non-empty list of strings")
-    return ModelSpec(
+    check_name(data["name"], source)
+    factory = data["factory"]
+    if not _IMPORT_SPEC.fullmatch(factory):
+        raise SpecError(f"{source}: factory {factory!r} must look like package.module:function")
+    if "description" in data and not isinstance(data["description"], str):
+        raise SpecError(f"{source}: description must be a string, got {_type_name(data['description'])}")
+    task = _choice(data.get("task", "raw"), TASKS, f"{source}: task")
+    factory_args = _table(data, "factory_args", f"{source}: factory_args")
+    inp = _table(data, "input", f"{source}: input", _TABLE_KEYS["input"])
+    out = _table(data, "output", f"{source}: output", _TABLE_KEYS["output"])
+    pnnx = _table(data, "pnnx", f"{source}: pnnx", _TABLE_KEYS["pnnx"])
+    names = _strings(out.get("names", ["output"]), f"{source}: output.names", non_empty=True)
+    if len(set(names)) != len(names):
+        raise SpecError(f"{source}: output.names has duplicates: {names}")
+    dynamic = inp.get("dynamic_shapes", [])
+    if not isinstance(dynamic, list):
+        raise SpecError(f"{source}: input.dynamic_shapes must be a list of shapes, got {_type_name(dynamic)}")
+    spec = ModelSpec(
         name=data["name"],
-        factory=data["factory"],
-        task=_choice(data.get("task", "raw"), TASKS, f"{source}: task"),
-        factory_args=dict(data.get("factory_args", {})),
-        input_name=str(inp.get("name", "input")),
-        input_shape=shape,
+        factory=factory,
+        task=task,
+        factory_args=dict(factory_args),
+        input_name=_string(inp.get("name", "input"), f"{source}: input.name"),
+        input_shape=_shape(inp.get("shape", [1, 3, 224, 224]), f"{source}: input.shape"),
         output_names=names,
-        preprocess=preprocess,
-        tolerances=tolerances,
-        dynamic_shapes=dynamic,
-        pnnx_moduleop=list(data.get("pnnx", {}).get("moduleop", [])),
-        task_args=dict(data.get("task_args", {})),
+        preprocess=_preprocess(data, source),
+        tolerances=_tolerances(data, names, source),
+        dynamic_shapes=[_shape(s, f"{source}: input.dynamic_shapes") for s in dynamic],
+        pnnx_moduleop=_strings(pnnx.get("moduleop", []), f"{source}: pnnx.moduleop"),
+        task_args=_task_args(data, task, factory_args, source),
         source=source,
     )
+    check_input_shape(spec)
+    return spec
 
 
 def load_spec(model: str, input_shape: str | None = None) -> ModelSpec:
-    """Resolve MODEL: a name in models/, a path to a .toml, or an import spec `pkg.mod:factory`."""
+    """Resolve MODEL: a name in model_dirs(), a path to a .toml, or an import spec `pkg.mod:factory`;
+    the whole spec is validated here, before any work starts."""
     if model.endswith(".toml"):
         path = Path(model)
+        if path.is_dir():
+            raise SpecError(f"spec file {model} is a folder; pass the .toml file inside it")
         if not path.is_file():
             raise SpecError(f"spec file {model} does not exist")
         spec = _read_toml_spec(path)
     elif ":" in model and not Path(model).exists():
+        if not _IMPORT_SPEC.fullmatch(model):
+            raise SpecError(
+                f"{model!r} is not an import spec like package.module:factory (nor a model name or .toml)"
+            )
         if input_shape is None:
             raise SpecError(f"{model} is an import spec: pass --input-shape (e.g. --input-shape 1,3,224,224)")
-        name = model.split(":")[-1]
+        name = check_name(model.split(":")[-1], model)
         return ModelSpec(name=name, factory=model, input_shape=parse_shape(input_shape), source=model)
     else:
-        path = models_dir() / f"{model}.toml"
-        if not path.is_file():
+        path = find_model(model)
+        if path is None:
             names = available_models()
             close = difflib.get_close_matches(model, names, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -230,31 +458,108 @@ def load_spec(model: str, input_shape: str | None = None) -> ModelSpec:
         spec = _read_toml_spec(path)
     if input_shape is not None:
         spec.input_shape = parse_shape(input_shape)
+        check_input_shape(spec)
     return spec
 
 
 def _read_toml_spec(path: Path) -> ModelSpec:
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: invalid TOML ({exc})") from None
     return spec_from_dict(data, str(path))
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else "(no message)"
+
+
+def _where(exc: BaseException) -> str:
+    """` (at FILE:LINE)` of the innermost frame of exc's traceback, '' when there is none."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+
+
+def _import_factory_module(module_name: str, factory: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise SpecError(
+                f"cannot import {module_name!r} for factory {factory!r}: no module named {exc.name!r} "
+                "(check the spelling, install the package or add its folder to PYTHONPATH)"
+            ) from None
+        raise SpecError(
+            f"importing {module_name!r} for factory {factory!r} failed: {_first_line(exc)}{_where(exc)}"
+        ) from None
+    except SyntaxError as exc:
+        raise SpecError(
+            f"cannot import {module_name!r} for factory {factory!r}: SyntaxError: {exc.msg} "
+            f"(at {exc.filename}:{exc.lineno})"
+        ) from None
+    except SystemExit as exc:
+        raise SpecError(
+            f"importing {module_name!r} for factory {factory!r} called sys.exit({exc.code!r}){_where(exc)}"
+        ) from None
+    except Exception as exc:
+        raise SpecError(
+            f"importing {module_name!r} for factory {factory!r} raised {type(exc).__name__}: "
+            f"{_first_line(exc)}{_where(exc)}"
+        ) from None
+
+
 def build_model(spec: ModelSpec, weights: str | None = None):
-    """Import the factory, build the nn.Module in eval mode, load `weights` if given."""
+    """Import the factory, build the nn.Module in eval mode, load `weights` if given. Whatever goes
+    wrong in the user's factory (an import error, an exception, sys.exit, a missing argument, a
+    return value that is not an nn.Module) is a SpecError naming the factory."""
+    import torch
 
     module_name, _, attr = spec.factory.partition(":")
     if not module_name or not attr:
         raise SpecError(f"factory {spec.factory!r} must look like package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SpecError(f"cannot import {module_name!r} for factory {spec.factory!r}: {exc}") from None
+    module = _import_factory_module(module_name, spec.factory)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SpecError(f"{module_name} has no callable {attr!r} (from factory {spec.factory!r})")
-    model = factory(**spec.factory_args)
+    try:
+        inspect.signature(factory).bind(**spec.factory_args)
+    except TypeError as exc:
+        given = ", ".join(spec.factory_args) or "no arguments"
+        raise SpecError(
+            f"factory {spec.factory} cannot be called with {given}: {exc}; give its arguments in the "
+            "factory_args table of a .toml spec"
+        ) from None
+    except ValueError:  # no signature to check (a builtin): the call below says what is wrong
+        pass
+    try:
+        model = factory(**spec.factory_args)
+    except DeployError:
+        raise
+    except SystemExit as exc:
+        raise SpecError(
+            f"factory {spec.factory} called sys.exit({exc.code!r}) instead of returning a model{_where(exc)}"
+        ) from None
+    except Exception as exc:
+        raise SpecError(
+            f"factory {spec.factory} raised {type(exc).__name__}: {_first_line(exc)}{_where(exc)}"
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(
+            f"factory {spec.factory} returned {type(model).__name__}, not a torch.nn.Module; "
+            "it must return the model"
+        )
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
@@ -271,10 +576,19 @@ def load_weights(model, path: str) -> None:
         raise SpecError(f"weights file {path} does not exist")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Unsupported global" in text or "Unsupported class" in text:
+            raise SpecError(
+                f"{path} needs unsafe unpickling (it holds more than tensors); "
+                "save a plain state_dict with torch.save(model.state_dict(), path)"
+            ) from None
+        # torch reports a file that is no pickle at all as a weights_only failure too
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        first = next((ln.strip() for ln in detail.splitlines() if ln.strip()), type(exc).__name__)
         raise SpecError(
-            f"{path} needs unsafe unpickling (it holds more than tensors); "
-            "save a plain state_dict with torch.save(model.state_dict(), path)"
+            f"{path} is not a readable PyTorch checkpoint ({first}); pass a file written by "
+            "torch.save(model.state_dict(), path)"
         ) from None
     except Exception as exc:
         raise SpecError(

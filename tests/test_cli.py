@@ -77,13 +77,13 @@ def test_weights_of_another_model_are_refused(tmp_path):
     _one_clear_line(_invoke("run", "resnet18", "--weights", path, "--out", tmp_path / "o"), 2, "does not fit")
 
 
-def test_pnnx_failure_exit_3_names_stage_and_log(tmp_path):
+def test_a_file_that_is_not_torchscript_is_bad_input_before_pnnx_runs(tmp_path):
+    """(A pnnx that fails on a real file is still exit 3: tests/test_validation.py.)"""
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"this is not torchscript")
     result = _invoke("convert", bogus, "--input-shape", "1,3,8,8", "--out", tmp_path / "o")
-    _one_clear_line(result, 3, "convert (pnnx)", "pnnx.log")
-    assert (tmp_path / "o" / "logs" / "pnnx.log").is_file()
-    assert not list((tmp_path / "o").glob("*.param")) and not list((tmp_path / "o").glob(".*tmp*"))
+    _one_clear_line(result, 2, "model.pt is not a TorchScript file")
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_onnx2ncnn_exit_4_points_to_pnnx_onnx(tmp_path, monkeypatch):

@@ -263,9 +263,10 @@ def test_bundle_runs_with_both_runners(resnet, runner_exe, tmp_path):
     report = tmp_path / "report.json"
     report.write_text('{"schema": 1, "passed": true}')
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "stale.txt").write_text("replaced as a whole")
     write_bundle(out, param, bin, _meta(), report)
+    (out / "model.ncnn.param").write_text("junk")  # an earlier bundle of ours is replaced whole
+    write_bundle(out, param, bin, _meta(), report)
+    assert (out / "model.ncnn.param").read_bytes() == param.read_bytes()
     names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert names >= {
         "model.ncnn.param",
@@ -278,7 +279,7 @@ def test_bundle_runs_with_both_runners(resnet, runner_exe, tmp_path):
         "README.md",
         "report.json",
     }
-    assert "stale.txt" not in names and not list(tmp_path.glob(".bundle*"))
+    assert not list(tmp_path.glob(".bundle*"))
     photo = _photos()[-1]
     docs = []
     for cmd in ([runner_exe], [sys.executable, out / "run_ncnn.py"]):
@@ -295,8 +296,8 @@ def test_bundle_is_atomic(resnet, tmp_path, monkeypatch):
     import deploytool.bundle as bundle
 
     out = tmp_path / "b"
-    out.mkdir()
-    (out / "old.txt").write_text("previous bundle")
+    bundle.write_bundle(out, *resnet, _meta())
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def fail(*args):
         raise OSError("disk full")
@@ -305,4 +306,4 @@ def test_bundle_is_atomic(resnet, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         bundle.write_bundle(out, *resnet, _meta())
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -143,7 +143,8 @@ def test_layerwise_blames_the_corrupted_convolution(resnet_run, tmp_path, conv):
     first = data["layerwise"]["first_failure"]
     assert first["torch vs ncnn-cpu"]["layer"] == conv and first["torch vs interpreter"]["layer"] == conv
     assert first["ncnn-cpu vs interpreter"] is None  # same weights on both sides: ncnn's kernels are fine
-    assert (folder / "layers.png").is_file() and f"`{conv}`" in (folder / "report.md").read_text()
+    assert (folder / "parity-layers.png").is_file() and f"`{conv}`" in (folder / "parity.md").read_text()
+    assert json.loads((folder / "report.json").read_text()) == {"spec": report["spec"]}  # the run's: kept
 
 
 def test_layerwise_on_clean_files_blames_nothing(resnet_run, tmp_path):

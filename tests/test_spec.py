@@ -73,6 +73,7 @@ def test_per_output_and_per_precision_tolerances():
         {
             "name": "x",
             "factory": "a:b",
+            "output": {"names": ["boxes", "scores"]},
             "tolerance": {
                 "default": {"atol": 1e-4, "rtol": 1e-4},
                 "ncnn-vulkan": {

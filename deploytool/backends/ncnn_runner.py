@@ -1,18 +1,29 @@
-"""ncnn on CPU and on Vulkan through ncnn's Python binding."""
+"""ncnn on CPU and on Vulkan through ncnn's Python binding.
+
+The net runs in a worker process (backends/isolated.py): a native crash in ncnn or in the Vulkan driver
+becomes this backend's BackendError ("backend ncnn-vulkan crashed (killed by SIGFPE) while running the
+model; log: …") and the other backends and the report carry on. The .param and .bin are checked before
+ncnn sees them (ncnn_param.check_files), so files that do not match are the user's error (SpecError).
+With DEPLOYTOOL_NCNN_IN_PROCESS=1 (for a process that is itself a disposable worker, such as a bench
+worker, whose memory readings must include the net) the net runs in this process.
+"""
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import sys
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import SpecError
-from ..ncnn_param import read_param
+from ..errors import BackendError, SpecError
+from ..ncnn_param import check_files, read_param
 from .base import Runner
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+IN_PROCESS_ENV = "DEPLOYTOOL_NCNN_IN_PROCESS"
 
 
 @contextmanager
@@ -62,21 +73,94 @@ def set_precision(opt, precision: str, vulkan: bool) -> None:
         opt.use_bf16_packed = precision == "bf16"
 
 
+class NcnnSession:
+    """One loaded ncnn.Net: what a worker process holds (or the runner itself, in process).
+
+    Every Extractor lives inside a `with` block, so none outlives the Net (ncnn's Python binding
+    segfaults when a Net is cleared while an Extractor lives)."""
+
+    def __init__(
+        self, param: str, bin: str, use_vulkan: bool, precision: str, threads: int,
+        input_names: list[str], output_names: list[str], quiet: bool = False,
+    ):  # fmt: skip
+        import ncnn
+
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        net = ncnn.Net()
+        net.opt.num_threads = threads
+        net.opt.use_vulkan_compute = use_vulkan
+        set_precision(net.opt, precision, use_vulkan)
+        with quiet_stderr() if quiet else nullcontext():  # in a worker, ncnn's messages go to its log
+            if net.load_param(param) != 0:
+                raise SpecError(f"{param}: ncnn could not load this .param (malformed or unknown layer)")
+            if net.load_model(bin) != 0:
+                raise SpecError(
+                    f"{bin} does not match {Path(param).name} (too short for its layers); "
+                    "convert the model again so both files come from one run"
+                )
+        self.net = net
+
+    def _feed(self, ex, feed: dict[str, np.ndarray]) -> None:
+        import ncnn
+
+        for name in self.input_names:
+            arr = feed[name]
+            mat = ncnn.Mat(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr)  # no batch axis
+            # clone: a Mat over numpy's memory has no reference count, and a layer working in place on
+            # the input blob (a graph starting with ReLU) dereferences it: SIGSEGV
+            ex.input(name, mat.clone())
+
+    def infer(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """The outputs by name (batch axis restored) and the seconds the inference took here."""
+        start = time.perf_counter()
+        outs = {}
+        with self.net.create_extractor() as ex:
+            self._feed(ex, feed)
+            for name in self.output_names:
+                ret, mat = ex.extract(name)
+                if ret != 0:
+                    raise RuntimeError(f"extract({name!r}) returned {ret}")
+                outs[name] = np.array(mat)[None]  # ncnn drops the batch axis
+        return outs, time.perf_counter() - start
+
+    def extract_all(self, feed: dict[str, np.ndarray], blobs: list[str]) -> dict[str, np.ndarray]:
+        """Every blob of `blobs` that ncnn can extract, float32, in the given order."""
+        found = {}
+        with self.net.create_extractor() as ex:
+            self._feed(ex, feed)
+            for name in blobs:
+                ret, mat = ex.extract(name)
+                if ret == 0:
+                    found[name] = np.array(mat).astype(np.float32)
+        return found
+
+    def close(self) -> None:
+        if self.net is not None:
+            self.net.clear()
+            self.net = None
+
+
 class NcnnRunner(Runner):
-    """ncnn's CPU path; NcnnVulkanRunner switches on Vulkan compute."""
+    """ncnn's CPU path; NcnnVulkanRunner switches on Vulkan compute. The net lives in a worker process
+    unless `isolate` is False (default: isolated unless DEPLOYTOOL_NCNN_IN_PROCESS=1)."""
 
     name = "ncnn-cpu"
     use_vulkan = False
 
-    def __init__(self, param: Path, bin: Path, precision: str = "fp32", threads: int = 2):
+    def __init__(
+        self, param: Path, bin: Path, precision: str = "fp32", threads: int = 2, isolate: bool | None = None
+    ):
         super().__init__()
         self.param, self.bin = Path(param), Path(bin)
         self.precision = precision
         self.threads = threads
+        self.isolate = os.environ.get(IN_PROCESS_ENV) != "1" if isolate is None else isolate
         self.graph = read_param(self.param)
         self.input_names = self.graph.input_names
         self.output_names = self.graph.output_names
-        self.net = None
+        self._worker = None  # isolated.Worker
+        self._session: NcnnSession | None = None  # in process
+        self._inference_s: float | None = None
 
     @classmethod
     def available(cls):
@@ -86,65 +170,66 @@ class NcnnRunner(Runner):
             return False, "the ncnn Python package is not installed (pip install ncnn)"
         return True, None
 
-    def _load(self) -> None:
-        import ncnn
+    @property
+    def worker_log(self) -> Path | None:
+        """The worker's log while it runs (and after it died), None in process."""
+        return None if self._worker is None else self._worker.log
 
+    def _load(self) -> None:
         if not self.bin.is_file():
             raise SpecError(f"{self.bin}: no such .bin file")
-        net = ncnn.Net()
-        net.opt.num_threads = self.threads
-        net.opt.use_vulkan_compute = self.use_vulkan
-        set_precision(net.opt, self.precision, self.use_vulkan)
-        with quiet_stderr():
-            if net.load_param(str(self.param)) != 0:
-                raise SpecError(f"{self.param}: ncnn could not load this .param (malformed or unknown layer)")
-            if net.load_model(str(self.bin)) != 0:
-                raise SpecError(
-                    f"{self.bin} does not match {self.param.name} (too short for its layers); "
-                    "convert the model again so both files come from one run"
-                )
-        self.net = net
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"unknown ncnn precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        check_files(self.param, self.bin, self.graph)  # what ncnn would crash on or misread is refused here
+        args = (
+            str(self.param.resolve()), str(self.bin.resolve()), self.use_vulkan, self.precision, self.threads,
+            self.input_names, self.output_names,
+        )  # fmt: skip
+        if self.isolate:
+            from .isolated import Worker
+
+            self._worker = Worker(self.name, f"{__name__}:NcnnSession", *args)
+        else:
+            self._session = NcnnSession(*args, quiet=True)
+
+    def _call(self, method: str, *args, doing: str):
+        if self._worker is not None:
+            return self._worker.call(method, *args, doing=doing)
+        if self._session is None:
+            raise BackendError(f"{self.name}: the model is not loaded; use `with runner:`")
+        return getattr(self._session, method)(*args)
+
+    def infer(self, feed):
+        out = super().infer(feed)
+        self.last_latency_s = self._inference_s  # the net's own time, not the trip to the worker and back
+        return out
 
     def _infer(self, feed):
-
-        outs = {}
-        with self.net.create_extractor() as ex:
-            self._feed(ex, feed)
-            for name in self.output_names:
-                ret, mat = ex.extract(name)
-                if ret != 0:
-                    raise RuntimeError(f"extract({name!r}) returned {ret}")
-                outs[name] = np.array(mat)[None]  # ncnn drops the batch axis
+        outs, self._inference_s = self._call("infer", self._named(feed), doing="running the model")
         return outs
 
-    def _feed(self, ex, feed) -> None:
-        import ncnn
-
-        if set(feed) != set(self.input_names):  # named after the spec (pnnx writes in0): by position
+    def _named(self, feed) -> dict[str, np.ndarray]:
+        """The feed by the .param's input names (by position when named after the spec: pnnx writes
+        in0), as contiguous float32."""
+        if set(feed) != set(self.input_names):
             if len(feed) != len(self.input_names):
                 raise SpecError(f"the .param has inputs {self.input_names} but the feed has {list(feed)}")
             feed = dict(zip(self.input_names, feed.values(), strict=True))
-        for name in self.input_names:
-            arr = np.ascontiguousarray(feed[name], dtype=np.float32)
-            ex.input(name, ncnn.Mat(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr))  # no batch axis
+        return {n: np.ascontiguousarray(feed[n], dtype=np.float32) for n in self.input_names}
 
     def _unload(self) -> None:
-        if self.net is not None:
-            self.net.clear()
-            self.net = None
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            # a crash while unloading is reported unless an error is already on its way out
+            worker.stop(check=sys.exc_info()[1] is None)
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
     def extract_all(self, feed) -> dict[str, np.ndarray]:
         """Every blob of the graph, in graph order (for per-layer comparisons)."""
-
-        blobs = {}
-        with self.net.create_extractor() as ex:
-            self._feed(ex, feed)
-            for layer in self.graph.layers:
-                for top in layer.tops:
-                    ret, mat = ex.extract(top)
-                    if ret == 0:
-                        blobs[top] = np.array(mat).astype(np.float32)
-        return blobs
+        tops = [top for layer in self.graph.layers for top in layer.tops]
+        return self._call("extract_all", self._named(feed), tops, doing="extracting every blob")
 
 
 class NcnnVulkanRunner(NcnnRunner):

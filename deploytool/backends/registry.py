@@ -213,4 +213,15 @@ def select_backends(
             raise BackendUnavailable(f"reference backend {reference} is unavailable: {reason}")
         runnable = [reference] + [n for n in runnable if n != reference]
         found.setdefault(reference, (True, None))
+    if not [n for n in runnable if n != reference]:  # zero checks is never a pass
+        if requested is not None:
+            raise SpecError(
+                f"--backends {requested} leaves nothing to compare with the reference {reference}; "
+                "add a backend such as ncnn-cpu"
+            )
+        why = "; ".join(f"{n}: {r}" for n, (ok, r) in found.items() if not ok and n != reference)
+        raise BackendUnavailable(
+            f"no backend to compare with the reference {reference}: "
+            + (why or "none of the default backends has its files here; pass --backends")
+        )
     return runnable, found

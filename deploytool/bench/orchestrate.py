@@ -21,7 +21,14 @@ from ..backends.registry import (
 )
 from ..errors import SpecError
 from ..inputs import inputs_for
-from ..pipeline import Recipe, RunOptions, StageTimer, build_artifacts, convert_stage, versions
+from ..pipeline import (
+    Recipe,
+    RunOptions,
+    StageTimer,
+    build_artifacts,
+    convert_stage,
+    versions,
+)
 from ..results import BackendResult, InputItem
 from ..spec import ModelSpec, Tolerance
 from .facts import file_entry, machine_info, model_info
@@ -59,6 +66,8 @@ def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str |
         raise SpecError(f"--runs must be at least 1, got {opts.runs}")
     if opts.warmup < 0:
         raise SpecError(f"--warmup must be 0 or more, got {opts.warmup}")
+    if opts.retries < 0:
+        raise SpecError(f"--retries must be 0 or more, got {opts.retries}")
     if not opts.threads or any(t < 1 for t in opts.threads):
         got = ",".join(map(str, opts.threads))
         raise SpecError(f"--threads must list thread counts of at least 1, e.g. 1,2; got {got or 'none'}")
@@ -79,8 +88,7 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
     Writes opts.out/bench.json."""
     backends, found, budget = validate(opts)
     timer = StageTimer()
-    out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = opts.out  # build_artifacts makes it ready once the model has loaded
     items = inputs_for(spec, list(opts.images), dynamic=False)  # timed at the spec's input shape only
     variants = [v for v in VARIANTS if v.backend in backends]
     plain = [b for b in backends if b not in VARIANT_BACKENDS]

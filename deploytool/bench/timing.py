@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backends.base import by_spec_name
+from ..backends.ncnn_runner import IN_PROCESS_ENV
 from ..backends.registry import Artifacts, RunnerConfig, get_backend
 from ..errors import BackendError
 from ..spec import ModelSpec, build_model
@@ -137,6 +138,7 @@ def run_worker(job: Job, log: Path, stage: str, timeout: float = WORKER_TIMEOUT_
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # this checkout's deploytool, not another install
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env[IN_PROCESS_ENV] = "1"  # this worker is already a throwaway process: ncnn's memory is counted here
         code = "import sys; from deploytool.bench.timing import worker_main; worker_main(*sys.argv[1:3])"
         cmd = [sys.executable, "-c", code, str(job_path), str(result_path)]
         run_tool(cmd, log, stage, env=env, timeout=timeout, error=BackendError, tool="bench worker")
