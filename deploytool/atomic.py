@@ -122,3 +122,20 @@ def _deliver(signum: int, handler) -> None:
         handler(signum, None)
     elif handler in (signal.SIG_DFL, None):
         os.kill(os.getpid(), signum)
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """Create `folder` if needed and check it can be written; `what` names it in the error (e.g.
+    "--out out/x"). A file in the way, a folder that cannot be made or written is the user's error."""
+    from .errors import SpecError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"{what}: {folder} is a file, not a folder; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"{what}: cannot create {folder} ({exc.strerror}); choose another path") from None
+    if not os.access(folder, os.W_OK):
+        raise SpecError(f"{what}: {folder} is not writable; choose another path")
+    return folder

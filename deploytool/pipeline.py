@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import platform
 import time
 from contextlib import contextmanager, nullcontext
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, judge, progress
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, writable_folder, write_text
 from .backends import REFERENCE, Artifacts, RunnerConfig, create_runner, get_backend, select_backends
 from .backends.base import by_spec_name
 from .backends.registry import NCNN_PRECISIONS
@@ -90,12 +89,7 @@ def prepare_run_folder(out: Path) -> None:
     """Make `out` ready for a new run: created if missing; a folder an earlier run wrote (it holds the
     marker) loses that run's files; a folder of someone else's that holds a file of the same name as
     one the run writes is refused, so nothing of the user's is overwritten."""
-    if out.exists() and not out.is_dir():
-        raise SpecError(f"--out {out} is a file, not a folder; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SpecError(f"cannot create --out {out}: {exc.strerror}; choose another --out") from None
+    writable_folder(out, f"--out {out}")
     marker = out / RUN_MARKER
     clash = [n for n in RUN_FILES if (out / n).exists()]
     if clash and not marker.is_file():
@@ -103,8 +97,6 @@ def prepare_run_folder(out: Path) -> None:
             f"--out {out} holds {', '.join(clash)} that deploytool did not write; choose an empty or new "
             "folder (nothing was changed)"
         )
-    if not os.access(out, os.W_OK):
-        raise SpecError(f"--out {out} is not writable; choose another --out")
     for name in clash:
         (out / name).unlink()
     write_text(marker, f"deploytool {__version__} run folder: a new run replaces {', '.join(RUN_FILES)}\n")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .atomic import write_text
+from .atomic import writable_folder, write_text
 from .errors import SpecError
 from .results import RunReport, TensorComparison
 
@@ -276,12 +275,4 @@ def check_output_files(**paths: Path | None) -> None:
         path, name = Path(path), "--" + flag.replace("_", "-")
         if path.is_dir():
             raise SpecError(f"{name} {path} is a folder; give a file name such as {path / 'out.json'}")
-        parent = path.parent
-        if parent.exists() and not parent.is_dir():
-            raise SpecError(f"{name} {path}: {parent} is a file, not a folder")
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SpecError(f"{name} {path}: cannot create {parent} ({exc.strerror})") from None
-        if not os.access(parent, os.W_OK):
-            raise SpecError(f"{name} {path}: {parent} is not writable")
+        writable_folder(path.parent, f"{name} {path}")
