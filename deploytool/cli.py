@@ -120,6 +120,34 @@ JunitOpt = Annotated[Path | None, typer.Option("--junit", help="write JUnit XML 
 MarkdownOpt = Annotated[
     Path | None, typer.Option("--markdown", help="also write the Markdown summary (and its PNGs) here")
 ]
+CalibOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--calib", help="int8: calibration photos, file or folder (default images/calib)"),
+]
+MethodOpt = Annotated[str, typer.Option("--method", help="int8 calibration: kl | aciq | minmax")]
+TableOpt = Annotated[
+    Path | None, typer.Option("--table", help="int8: use this ncnn2table-format table instead of calibrating")
+]
+KeepFp32Opt = Annotated[
+    str | None, typer.Option("--keep-fp32", help="int8: layers (comma-separated) left in fp32")
+]
+
+
+def _recipe(converter, fp16, onnx2ncnn, int8: bool, calib, method, table, keep_fp32):
+    """The recipe of the ncnn files; the int8 options only mean something with int8 (else refused)."""
+    from .pipeline import Recipe
+
+    given = [f for f, v in (("--calib", calib), ("--table", table), ("--keep-fp32", keep_fp32)) if v]
+    if not int8 and (given or method != "kl"):
+        raise SpecError(f"{(given or ['--method'])[0]} is for int8 models; add --ncnn-precision int8")
+    if table is not None and calib:
+        raise SpecError("--table replaces calibration; drop --calib or drop --table")
+    keep = tuple(n.strip() for n in (keep_fp32 or "").split(",") if n.strip())
+    return Recipe(
+        converter=converter, fp16_weights=fp16, onnx2ncnn=onnx2ncnn,
+        quantize=method if int8 and table is None else None, calib=tuple(calib or ()), table=table,
+        keep_fp32=keep,
+    )  # fmt: skip
 
 
 @command
@@ -147,9 +175,13 @@ def run(
     report: ReportOpt = None,
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
+    calib: CalibOpt = None,
+    method: MethodOpt = "kl",
+    table: TableOpt = None,
+    keep_fp32: KeepFp32Opt = None,
 ) -> None:
     """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
-    from .pipeline import Recipe, RunOptions
+    from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
     from .report import check_output_files
 
@@ -160,7 +192,7 @@ def run(
         out=Path(out or Path("out") / spec.name),
         backends=backends,
         images=images_or_default(images, spec.task),
-        recipe=Recipe(converter=converter, fp16_weights=fp16, onnx2ncnn=onnx2ncnn),
+        recipe=_recipe(converter, fp16, onnx2ncnn, ncnn_precision == "int8", calib, method, table, keep_fp32),
         opset=opset,
         weights=weights,
         ncnn_precision=ncnn_precision,
@@ -190,6 +222,50 @@ def _auto_budget(precision: str | None, budget: str | None, ncnn_precision: str,
             f"--precision auto chooses the precision itself; drop {given} or drop --precision auto"
         )
     return budget
+
+
+@command
+def quantize(
+    model: ModelArg,
+    out: OutOpt = None,
+    calib: CalibOpt = None,
+    method: MethodOpt = "kl",
+    table: TableOpt = None,
+    keep_fp32: KeepFp32Opt = None,
+    backends: Annotated[
+        str | None,
+        typer.Option("--backends", help="backends that check the int8 model (default torch,ncnn-cpu)"),
+    ] = None,
+    images: ImagesOpt = None,
+    input_shape: ShapeOpt = None,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = 2,
+    report: ReportOpt = None,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+) -> None:
+    """Calibrate and write MODEL's int8 ncnn model (model.int8.param/.bin, model.table in ncnn2table's
+    format), then check it against torch; exit 1 if a parity check fails. Same as
+    `run --ncnn-precision int8` with the int8 backends only."""
+    from .pipeline import RunOptions
+    from .pipeline import run as run_pipeline
+    from .report import check_output_files
+
+    check_output_files(report=report, junit=junit, markdown=markdown)
+    spec = load_spec(model, input_shape)
+    opts = RunOptions(
+        out=Path(out or Path("out") / spec.name),
+        backends=backends or "torch,ncnn-cpu",
+        images=images_or_default(images, spec.task),
+        recipe=_recipe("pnnx", False, None, True, calib, method, table, keep_fp32),
+        weights=weights,
+        ncnn_precision="int8",
+        threads=threads,
+    )
+    result = run_pipeline(spec, opts)
+    layers = result.artifacts.get("int8_layers") or []
+    console.print(f"quantized {len(layers)} layers; table {result.artifacts.get('int8_table')}")
+    _render(result, opts.out, report, junit, markdown)
 
 
 @command

@@ -65,6 +65,7 @@ def compare_tensors(ref: np.ndarray, got: np.ndarray, tol: Tolerance, **ident) -
         elements=int(ref.size),
         reason=None if finite else "output contains NaN or Inf",
         peak_rel=max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else math.inf),
+        peak_rtol=tol.peak_rtol,
     )
 
 
@@ -108,6 +109,8 @@ def judged_precision(backend: str, precision: str = "fp32", fp16_weights: bool =
     from .backends.registry import get_backend
 
     info = get_backend(backend)
+    if precision == "int8" and info.family == "ncnn":  # the int8 model, whichever ncnn runs it
+        return "int8"
     prec = precision if precision in info.precisions else "fp32"
     if fp16_weights and info.family == "ncnn" and prec == "fp32":
         return "fp16"
@@ -197,7 +200,11 @@ class Verdict:
             "peak_rel": max((c.peak_rel for c in cs), default=0.0),
             "cosine": min((c.cosine for c in cs), default=1.0),
             "min_atol": max((c.min_atol for c in cs), default=0.0),
-            "tolerance": {"precision": self.precision, "atol": tol.atol, "rtol": tol.rtol} if tol else None,
+            "tolerance": (
+                {"precision": self.precision, "atol": tol.atol, "rtol": tol.rtol, "peak_rtol": tol.peak_rtol}
+                if tol
+                else None
+            ),
             **(self.task.metrics() if self.task else {}),
         }
 

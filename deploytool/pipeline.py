@@ -20,7 +20,7 @@ from .backends.registry import NCNN_PRECISIONS
 from .convert import convert, pnnx_version
 from .errors import BackendError, SpecError
 from .export import DEFAULT_OPSET, check_opset, export_onnx, export_torchscript
-from .inputs import inputs_for
+from .inputs import collect_images, inputs_for
 from .results import BackendResult, InputItem, RunReport
 from .spec import ModelSpec, build_model
 
@@ -29,11 +29,20 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the ncnn files are made: the converter and the weights' precision (quantization next)."""
+    """How the ncnn files are made: the converter, the weights' precision, and int8 quantization
+    (calibrated with `quantize` = kl | aciq | minmax on the `calib` photos, or from a `table`)."""
 
     converter: str = "pnnx"
     fp16_weights: bool = False
     onnx2ncnn: str | None = None  # the user's onnx2ncnn binary
+    quantize: str | None = None  # calibration method; None: no int8
+    calib: tuple[Path, ...] = ()  # calibration photos (default images/calib)
+    table: Path | None = None  # an ncnn2table-format table to use instead of calibrating
+    keep_fp32: tuple[str, ...] = ()  # layers left in fp32 (mixed precision)
+
+    @property
+    def int8(self) -> bool:
+        return self.quantize is not None or self.table is not None
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,18 @@ class RunOptions:
             check_onnx2ncnn(self.recipe.onnx2ncnn)
         check_opset(self.opset)
         _choice(self.ncnn_precision, NCNN_PRECISIONS, "--ncnn-precision")
+        if self.recipe.int8 != (self.ncnn_precision == "int8"):
+            raise SpecError("an int8 model runs at --ncnn-precision int8, and int8 needs a quantized model")
+        if self.recipe.int8:
+            from .quantize import METHODS, read_table
+
+            if self.recipe.table is not None:
+                read_table(self.recipe.table)  # a malformed table is refused before any work
+            else:
+                _choice(self.recipe.quantize, METHODS, "--method")
+                collect_images(list(self.recipe.calib or calibration_images()))
+            if self.recipe.fp16_weights:
+                raise SpecError("--fp16 and int8 are two different weight formats; choose one")
         if self.threads < 1:
             raise SpecError(f"--threads must be at least 1, got {self.threads}")
         if self.budget is not None:
@@ -81,7 +102,8 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
 RUN_MARKER = ".deploytool-run"
 RUN_FILES = (
     "model.pt", "model.onnx", "model.ncnn.param", "model.ncnn.bin", "meta.json", "report.json",
-    "junit.xml", "report.md", "errors.png", "layers.png", "bench.json",
+    "junit.xml", "report.md", "errors.png", "layers.png", "bench.json", "model.table", "model.int8.param",
+    "model.int8.bin",
 )  # fmt: skip
 
 
@@ -214,10 +236,38 @@ def convert_stage(spec: ModelSpec, art: Artifacts, recipe: Recipe, out: Path) ->
         spec.dynamic_shapes[0] if spec.dynamic_shapes else None,
         fp16_weights=recipe.fp16_weights, moduleop=spec.pnnx_moduleop, onnx2ncnn=recipe.onnx2ncnn,
     )  # fmt: skip
-    return replace(
+    art = replace(
         art, ncnn_param=converted.param, ncnn_bin=converted.bin, converter=recipe.converter,
         converter_log=converted.log, meta=write_meta(spec, converted.param, out / "meta.json"),
     )  # fmt: skip
+    return quantize_stage(spec, art, recipe, out) if recipe.int8 else art
+
+
+def calibration_images() -> tuple[Path, ...]:
+    """The default calibration photos: images/calib (public-domain photos, disjoint from images/eval)."""
+    from .inputs import default_images
+
+    return (default_images()[0] / "calib",)
+
+
+def quantize_stage(spec: ModelSpec, art: Artifacts, recipe: Recipe, out: Path) -> Artifacts:
+    """The int8 model of `art`'s fp32 ncnn files: calibrate on the spec's preprocessing of the calibration
+    photos (or read the user's table), write the table (ncnn2table format) and model.int8.param/.bin."""
+    from .quantize import calibrate, calibration_feeds, quantize_model, read_table, write_table
+
+    with progress.step(f"quantize ({recipe.quantize or 'table'})"):
+        if recipe.table is not None:
+            from .ncnn_param import read_param
+
+            table = read_table(recipe.table, read_param(art.ncnn_param))
+        else:
+            feeds = calibration_feeds(spec, list(recipe.calib or calibration_images()))
+            table = calibrate(art.ncnn_param, art.ncnn_bin, feeds, recipe.quantize)
+        table_path = out / "model.table"
+        write_table(table_path, table)
+        param, bin_ = out / "model.int8.param", out / "model.int8.bin"
+        layers = quantize_model(art.ncnn_param, art.ncnn_bin, table, param, bin_, recipe.keep_fp32)
+    return replace(art, ncnn_param=param, ncnn_bin=bin_, int8_table=table_path, int8_layers=tuple(layers))
 
 
 def build_artifacts(
@@ -301,6 +351,9 @@ def judge_run(
             "converter": art.converter,
             "converter_log": _str(art.converter_log),
             "fp16_weights": opts.recipe.fp16_weights,
+            "int8_table": _str(art.int8_table),
+            "int8_layers": list(art.int8_layers),
+            "int8_method": opts.recipe.quantize if opts.recipe.int8 and opts.recipe.table is None else None,
             "weights": str(Path(opts.weights).resolve()) if opts.weights else None,
         },
         input={

@@ -69,6 +69,7 @@ class TensorComparison:
     elements: int = 0
     reason: str | None = None
     peak_rel: float = 0.0  # max|got - ref| / max|ref|: the error against the output's range
+    peak_rtol: float = 0.0  # the tolerance's share of max|ref| (reduced-precision storage, int8)
 
     def to_dict(self) -> dict:
         return {k: (finite_or_text(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}

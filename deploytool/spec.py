@@ -42,6 +42,9 @@ DEFAULT_TOLERANCES = {
     "fp16": Tolerance(5e-2, 5e-2),  # any ncnn backend with fp16 weights or storage, unless set per backend
     "bf16": Tolerance(1e-1, 5e-2),
     "ncnn-vulkan-fp16": Tolerance(1e-1, 1e-1),
+    # int8 weights and activations: errors scale with each output's range. Measured on resnet18 (seeded,
+    # kl calibration on images/calib): cosine >= 0.9989, peak_rel 0.060-0.066 on ncnn-cpu and llvmpipe
+    "int8": Tolerance(1e-3, 0.0, peak_rtol=0.15),
 }
 
 

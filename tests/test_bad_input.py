@@ -304,6 +304,44 @@ CASES = [
         2,
         "is a file",
     ),
+    # int8
+    (
+        "quantize-calib-missing",
+        ["quantize", "resnet18", "--calib", "{t}/nope", "--out", "{o}"],
+        2,
+        "does not exist",
+    ),
+    (
+        "quantize-calib-empty",
+        ["quantize", "resnet18", "--calib", "{t}/empty_run", "--out", "{o}"],
+        2,
+        "no images found",
+    ),
+    ("quantize-bad-method", ["quantize", "resnet18", "--method", "entropy", "--out", "{o}"], 2, "entropy"),
+    (
+        "quantize-table-malformed",
+        ["quantize", "resnet18", "--table", "{t}/notes.txt", "--out", "{o}"],
+        2,
+        "notes.txt",
+    ),
+    (
+        "quantize-table-and-calib",
+        ["quantize", "resnet18", "--table", "{t}/notes.txt", "--calib", "{t}/calib", "--out", "{o}"],
+        2,
+        "--table replaces calibration",
+    ),
+    (
+        "run-calib-without-int8",
+        ["run", "resnet18", "--calib", "{t}/userpkg", "--out", "{o}"],
+        2,
+        "--ncnn-precision int8",
+    ),
+    (
+        "run-int8-and-fp16",
+        ["run", "resnet18", "--ncnn-precision", "int8", "--fp16", "--out", "{o}"],
+        2,
+        "--fp16",
+    ),
     # parity
     ("parity-missing-target", ["parity", "{t}/nope"], 2, "neither a run folder"),
     ("parity-empty-folder", ["parity", "{t}/empty_run"], 2, "holds no model"),

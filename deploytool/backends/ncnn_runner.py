@@ -22,7 +22,7 @@ from ..errors import BackendError, SpecError
 from ..ncnn_param import check_files, read_param
 from .base import Runner
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 IN_PROCESS_ENV = "DEPLOYTOOL_NCNN_IN_PROCESS"
 
 
@@ -65,7 +65,7 @@ def set_precision(opt, precision: str, vulkan: bool) -> None:
     fp16: ncnn's fast defaults; bf16: bf16 storage and packing (CPUs with bf16 support), fp16 off."""
     if precision not in PRECISIONS:
         raise SpecError(f"unknown ncnn precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision in ("fp32", "bf16"):
+    if precision in ("fp32", "bf16", "int8"):  # int8: an int8 model, fp32 elsewhere (int8 inference is on)
         opt.use_fp16_packed = vulkan
         opt.use_fp16_storage = vulkan
         opt.use_fp16_arithmetic = False

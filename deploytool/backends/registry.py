@@ -27,6 +27,8 @@ class Artifacts:
     converter: str | None = None
     converter_log: Path | None = None
     meta: dict | None = None  # meta.json for the runners (ncnn-cpp, bundles)
+    int8_table: Path | None = None  # the calibration table an int8 model was made from
+    int8_layers: tuple[str, ...] = ()  # the layers it quantized
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _ncnn(cls, art: Artifacts, c: RunnerConfig) -> Runner:
     return cls(art.ncnn_param, art.ncnn_bin, precision=c.precision, threads=c.threads)
 
 
-NCNN_PRECISIONS = ("fp32", "fp16", "bf16")
+NCNN_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (

@@ -51,6 +51,13 @@ VARIANTS = (
         precision="fp16",
     ),
     Variant("bf16", "ncnn-cpu", "bf16 storage and packing on, fp16 off", precision="bf16"),
+    Variant(
+        "int8",
+        "ncnn-cpu",
+        "int8 weights and activations in convolutions and inner products (kl calibration, images/calib)",
+        recipe=Recipe(quantize="kl"),
+        precision="int8",
+    ),
     Variant("vulkan", "ncnn-vulkan", "Vulkan compute, fp16 storage on the device, fp32 arithmetic"),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
@@ -78,6 +85,6 @@ def variant_run_options(name: str, opts: RunOptions) -> RunOptions:
         opts,
         budget=None,
         ncnn_precision=v.precision,
-        recipe=replace(opts.recipe, fp16_weights=v.fp16_weights),
+        recipe=replace(opts.recipe, fp16_weights=v.fp16_weights, quantize=v.recipe.quantize),
         backends=backends,
     )
