@@ -209,7 +209,7 @@ def _align4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
-def _flagged_bytes(tag: int, count: int) -> int | None:
+def flagged_bytes(tag: int, count: int) -> int | None:
     """Bytes after the tag, as ncnn's ModelBin reads them; None for a tag this reader does not know."""
     if tag == TAG_FP16:
         return _align4(2 * count)
@@ -274,7 +274,7 @@ def check_model_bin(graph: NcnnGraph, bin_path: Path | str) -> None:
                 else:
                     fh.seek(pos)
                     tag = int.from_bytes(fh.read(4), "little")
-                    nbytes = _flagged_bytes(tag, array.count)
+                    nbytes = flagged_bytes(tag, array.count)
                     if nbytes is None:
                         exact = False
                         nbytes = _align4(array.count)

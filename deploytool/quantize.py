@@ -34,6 +34,7 @@ from .ncnn_param import (
     TAG_INT8,
     Layer,
     NcnnGraph,
+    flagged_bytes,
     read_param,
     weight_arrays,
 )
@@ -213,13 +214,13 @@ def _walk_bin(graph: NcnnGraph, data: bytes, source: str) -> _BinLayout:
                 if pos + 4 > len(data):
                     raise SpecError(f"{source} is too short for layer {layer.name}'s {array.name}")
                 tag = int.from_bytes(data[pos : pos + 4], "little")
-                width = {TAG_FP16: 2, TAG_INT8: 1, TAG_FP32: 4, TAG_FP32_SCALED: 4}.get(tag)
-                if width is None:
+                nbytes = flagged_bytes(tag, array.count)  # as ncnn's ModelBin reads it (and check_model_bin)
+                if nbytes is None:
                     raise SpecError(
                         f"{source}: layer {layer.name}'s {array.name} has storage tag {tag:#010x}, which "
                         "deploytool cannot read (fp32, fp16 and int8 are supported)"
                     )
-                pos += 4 + (width * array.count + 3) // 4 * 4
+                pos += 4 + nbytes
             else:
                 pos += 4 * array.count
             if pos > len(data):
