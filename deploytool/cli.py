@@ -362,22 +362,19 @@ def bench(
     the fastest variant within the accuracy budget."""
     from .bench import BenchOptions, bench_model, render_bench
 
-    try:
-        spec = load_spec(model, input_shape)
-        opts = BenchOptions(
-            out=Path(out or Path("out") / spec.name / "bench"),
-            runs=runs,
-            warmup=warmup,
-            threads=_thread_counts(threads),
-            backends=backends,
-            images=images_or_default(images, spec.task),
-            weights=weights,
-            budget=budget,
-            retries=retries,
-        )
-        result = bench_model(spec, opts)
-    except DeployError as exc:
-        _fail(exc)
+    spec = load_spec(model, input_shape)
+    opts = BenchOptions(
+        out=Path(out or Path("out") / spec.name / "bench"),
+        runs=runs,
+        warmup=warmup,
+        threads=_thread_counts(threads),
+        backends=backends,
+        images=images_or_default(images, spec.task),
+        weights=weights,
+        budget=budget,
+        retries=retries,
+    )
+    result = bench_model(spec, opts)
     render_bench(result, console)
     console.print(f"  wrote {opts.out / 'bench.json'}")
     if budget is not None and result.budget_fits is False:
@@ -423,18 +420,15 @@ def bundle(
     from .pipeline import Recipe, RunOptions
     from .report import console_summary
 
-    try:
-        spec = load_spec(model, input_shape)
-        opts = RunOptions(
-            out=Path(work or Path("out") / spec.name),
-            images=images_or_default(images, spec.task),
-            recipe=Recipe(converter=converter),
-            weights=weights,
-            threads=threads,
-        )
-        result, path = make_bundle(spec, opts, out, force=force)
-    except DeployError as exc:
-        _fail(exc)
+    spec = load_spec(model, input_shape)
+    opts = RunOptions(
+        out=Path(work or Path("out") / spec.name),
+        images=images_or_default(images, spec.task),
+        recipe=Recipe(converter=converter),
+        weights=weights,
+        threads=threads,
+    )
+    result, path = make_bundle(spec, opts, out, force=force)
     console_summary(result, console)
     if path is None:
         err_console.print(
@@ -456,11 +450,8 @@ def export(
     """Export MODEL to TorchScript and/or ONNX."""
     from .pipeline import export
 
-    try:
-        spec = load_spec(model, input_shape)
-        paths = export(spec, Path(out or Path("out") / spec.name), formats, opset, weights)
-    except DeployError as exc:
-        _fail(exc)
+    spec = load_spec(model, input_shape)
+    paths = export(spec, Path(out or Path("out") / spec.name), formats, opset, weights)
     for path in paths:
         console.print(f"wrote {path}")
 
@@ -480,10 +471,7 @@ def convert(
     """Convert a TorchScript or ONNX file to ncnn .param/.bin."""
     from .convert import convert_file
 
-    try:
-        result = convert_file(file, converter, input_shape, out, fp16_weights=fp16, onnx2ncnn=onnx2ncnn)
-    except DeployError as exc:
-        _fail(exc)
+    result = convert_file(file, converter, input_shape, out, fp16_weights=fp16, onnx2ncnn=onnx2ncnn)
     console.print(
         f"wrote {result.param} and {result.bin} (inputs {result.input_names}, "
         f"outputs {result.output_names}); log: {result.log}"
@@ -505,12 +493,9 @@ def models() -> None:
     """List the model specs in models/."""
     from .spec import available_models
 
-    try:
-        for name in available_models():
-            spec = load_spec(name)
-            console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {spec.factory}")
-    except DeployError as exc:
-        _fail(exc)
+    for name in available_models():
+        spec = load_spec(name)
+        console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {spec.factory}")
 
 
 @app.callback(invoke_without_command=True)
