@@ -90,13 +90,17 @@ def topk(logits: np.ndarray, k: int) -> list[int]:
 
 
 def topk_agreement(ref: np.ndarray, got: np.ndarray, k: int = 5) -> dict:
-    """Top-1 equality and the share of the reference's top-k found in the backend's top-k."""
+    """Top-1 equality, the share of the reference's top-k found in the backend's top-k, and the
+    reference's margin between its first and second class (a top-1 swap under a margin smaller than
+    the backend's error is a near-tie in the reference, not a broken layer)."""
     r, g = topk(ref, k), topk(got, k)
+    flat = np.asarray(ref, dtype=np.float64).reshape(-1)
     return {
         "top1_ref": r[0],
         "top1": g[0],
         "top1_match": r[0] == g[0],
         f"top{k}_overlap": len(set(r) & set(g)) / k,
+        "top1_margin_ref": float(flat[r[0]] - flat[r[1]]) if len(r) > 1 else None,
     }
 
 
@@ -126,12 +130,22 @@ def tolerance(spec: ModelSpec, backend: str, precision: str = "fp32", output: st
 # ---------------------------------------------------------------- task agreement
 
 
-def classify_agreement(spec: ModelSpec, ref_outs: list[dict], outs: list[dict]) -> TaskAgreement:
+def classify_agreement(
+    spec: ModelSpec, items: list[InputItem], ref_outs: list[dict], outs: list[dict]
+) -> TaskAgreement:
     """Top-1 and top-k (the spec's task_args.top_k, default 5) agreement over every input; passes
-    when every top-1 class matches."""
+    when every top-1 class matches. Each input carries its label and, when the spec names the
+    classes, the names of both top-1 classes."""
     k = int(spec.task_args.get("top_k", 5))
     name = spec.output_names[0]
-    per_input = [topk_agreement(r[name], g[name], k) for r, g in zip(ref_outs, outs, strict=True)]
+    classes = spec.task_args.get("names") or []
+    per_input = []
+    for item, r, g in zip(items, ref_outs, outs, strict=True):
+        row = {"input": item.label, **topk_agreement(r[name], g[name], k)}
+        if classes:
+            row["top1_ref_name"] = classes[row["top1_ref"]] if row["top1_ref"] < len(classes) else None
+            row["top1_name"] = classes[row["top1"]] if row["top1"] < len(classes) else None
+        per_input.append(row)
     top1 = sum(p["top1_match"] for p in per_input) / len(per_input)
     top_k = sum(p[f"top{k}_overlap"] for p in per_input) / len(per_input)
     return TaskAgreement("classify", top1 == 1.0, per_input, top1_agreement=top1, topk_agreement=top_k, k=k)
@@ -233,7 +247,7 @@ def judge_backend(
         histograms[name] = counts.tolist()
     task, decoded = None, []
     if spec.task == "classify":
-        task = classify_agreement(spec, ref_outs, outs)
+        task = classify_agreement(spec, items, ref_outs, outs)
     elif spec.task == "detect":
         task, decoded = detect_agreement(spec, items, ref_outs, outs)
     return Verdict(backend, reference, judged, comparisons, task, histograms, decoded)

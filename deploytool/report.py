@@ -59,6 +59,8 @@ def console_summary(report: RunReport, console: Console) -> None:
         for item in t.per_input:
             for line in item.get("failures", [])[:3]:
                 console.print(f"    [red]{item['input']}[/]: {line}", highlight=False)
+            if item.get("top1_match") is False:
+                console.print(f"    [red]{_class_swap(item, backend)}[/]", highlight=False)
     for name, info in report.backends.items():
         if not info.available:
             console.print(f"  [yellow]skipped {name}[/]: {info.reason}")
@@ -72,6 +74,8 @@ def console_summary(report: RunReport, console: Console) -> None:
             pre = info.extra.get("preprocess_max_abs")
             if pre is not None:
                 console.print(f"  {name}: its own preprocessing vs Python's: max_abs {fmt(pre)}")
+            if "layers_on_device" in info.extra:
+                console.print(f"  {name}: {_placement(info.extra)}", highlight=False)
     if any(b.latency_ms_median is not None for b in report.backends.values()):
         console.print(
             "  (latencies are indicative: `deploytool bench` times every backend in a fresh process)"
@@ -94,6 +98,29 @@ def console_summary(report: RunReport, console: Console) -> None:
     )
     passed = sum(c.passed for c in report.comparisons)
     console.print(f"{verdict}: {passed}/{len(report.comparisons)} tensor checks passed{extra}")
+
+
+def _placement(extra: dict) -> str:
+    """Where a Vulkan net ran its layers, e.g. '70/70 layers ran on the device (int8: 59/59)'; the
+    layers ncnn kept on the CPU are named, so a CPU fallback is never read as a Vulkan result."""
+    text = f"{extra['layers_on_device']}/{extra['layers']} layers ran on the device"
+    if extra.get("int8_layers"):
+        text += f" (int8: {extra['int8_layers_on_device']}/{extra['int8_layers']})"
+    cpu = extra.get("layers_on_cpu") or []
+    if cpu:
+        more = f" and {len(cpu) - 5} more" if len(cpu) > 5 else ""
+        text += f"; on the CPU instead: {', '.join(cpu[:5])}{more}"
+    return text
+
+
+def _class_swap(item: dict, backend: str) -> str:
+    """'cat.jpg: reference 'tabby' (margin 0.5), ncnn-cpu 'tiger cat'': a top-1 disagreement, by name
+    when the spec names the classes, with the reference's own top-1/top-2 margin."""
+    ref = item.get("top1_ref_name") or item["top1_ref"]
+    got = item.get("top1_name") or item["top1"]
+    margin = item.get("top1_margin_ref")
+    why = f" (margin {fmt(margin)})" if margin is not None else ""
+    return f"{item['input']}: reference {ref!r}{why}, {backend} {got!r}"
 
 
 def layer_table(report: RunReport, console: Console) -> None:

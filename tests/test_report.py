@@ -8,7 +8,7 @@ from rich.console import Console
 
 from deploytool.judge import classify_agreement, compare_tensors
 from deploytool.report import console_summary, write_json, write_junit
-from deploytool.results import BackendResult, RunReport
+from deploytool.results import BackendResult, InputItem, RunReport
 from deploytool.spec import Tolerance, load_spec
 
 
@@ -96,9 +96,30 @@ def test_console_summary_marks_failures_and_skips():
 def test_top1_disagreement_fails_the_task_check():
     spec = load_spec("resnet18")
     ref = [{"logits": np.array([[0.1, 0.9, 0.2, 0.0, 0.3, 0.4]])}]
-    same = classify_agreement(spec, ref, ref)
+    items = [InputItem("cat.jpg", {"input": np.zeros((1, 3, 2, 2), np.float32)})]
+    same = classify_agreement(spec, items, ref, ref)
     assert same.passed and same.top1_agreement == 1.0
     swapped = [{"logits": np.array([[0.9, 0.1, 0.2, 0.0, 0.3, 0.4]])}]
-    other = classify_agreement(spec, ref, swapped)
+    other = classify_agreement(spec, items, ref, swapped)
     assert not other.passed and other.top1_agreement == 0.0
     assert other.to_dict()["top1_agreement"] == 0.0 and "top5_agreement" in other.to_dict()
+    row = other.per_input[0]
+    assert row["input"] == "cat.jpg" and row["top1_margin_ref"] == np.float64(0.9) - np.float64(0.4)
+
+
+def test_classify_agreement_names_the_classes_and_the_console_shows_a_swap():
+    spec = load_spec("efficientnet_lite0")
+    items = [InputItem("cat.jpg", {"input": np.zeros((1, 3, 2, 2), np.float32)})]
+    ref = np.zeros((1, 1000), np.float32)
+    ref[0, 281], ref[0, 282] = 5.0, 4.5  # tabby, tiger cat
+    got = ref.copy()
+    got[0, 282] = 6.0
+    task = classify_agreement(spec, items, [{"logits": ref}], [{"logits": got}])
+    row = task.per_input[0]
+    assert (row["top1_ref_name"], row["top1_name"]) == ("tabby", "tiger cat")
+    report = _report()
+    report.task = {"ncnn-cpu": task}
+    console = Console(record=True, width=140)
+    console_summary(report, console)
+    text = console.export_text()
+    assert "cat.jpg: reference 'tabby' (margin 0.5), ncnn-cpu 'tiger cat'" in text

@@ -134,6 +134,12 @@ class NcnnSession:
                     found[name] = np.array(mat).astype(np.float32)
         return found
 
+    def placement(self) -> list[tuple[str, str, bool]]:
+        """(layer name, type, runs on Vulkan) for every layer of the loaded net: ncnn's own decision
+        (`support_vulkan` after load_param; a layer without a Vulkan kernel for its settings runs on
+        the CPU inside a Vulkan net)."""
+        return [(layer.name, layer.type, bool(layer.support_vulkan)) for layer in self.net.layers()]
+
     def close(self) -> None:
         if self.net is not None:
             self.net.clear()
@@ -250,3 +256,20 @@ class NcnnVulkanRunner(NcnnRunner):
 
     def device(self) -> str | None:
         return vulkan_device_name()
+
+    def extra(self) -> dict:
+        """Where ncnn ran each layer: a layer it cannot run on the device (an int8 layer on an ncnn
+        without Vulkan int8 kernels) runs on the CPU, and the report says so instead of calling that
+        result Vulkan's."""
+        if self._worker is None and self._session is None:
+            return {}
+        placed = self._call("placement", doing="listing where each layer ran")
+        int8 = {layer.name for layer in self.graph.layers if layer.get(8, 0)}
+        on_cpu = [name for name, kind, gpu in placed if not gpu and kind != "Input"]
+        return {
+            "layers_on_device": sum(1 for _, _, gpu in placed if gpu),
+            "layers": len(placed),
+            "layers_on_cpu": on_cpu,
+            "int8_layers_on_device": sum(1 for name, _, gpu in placed if gpu and name in int8),
+            "int8_layers": len(int8),
+        }
