@@ -53,6 +53,10 @@ def console_summary(report: RunReport, console: Console) -> None:
             "[green]pass[/]" if ok else "[red]FAIL[/]" + (f" ({worst.reason})" if worst.reason else ""),
         )
     console.print(table)
+    first = next(iter(report.task.values()), None)
+    if first is not None and first.task == "classify" and first.per_input:
+        top1 = ", ".join(f"{i['input']} {i.get('top1_ref_name') or i['top1_ref']!r}" for i in first.per_input)
+        console.print(f"  {report.reference} top-1: {top1}", highlight=False)
     for backend, t in report.task.items():
         text = ", ".join(f"{k} {v:.2f}" for k, v in t.metrics().items())
         console.print(f"  {backend}: {text} [{'green]pass' if t.passed else 'red]FAIL'}[/]")

@@ -123,3 +123,4 @@ def test_classify_agreement_names_the_classes_and_the_console_shows_a_swap():
     console_summary(report, console)
     text = console.export_text()
     assert "cat.jpg: reference 'tabby' (margin 0.5), ncnn-cpu 'tiger cat'" in text
+    assert "torch top-1: cat.jpg 'tabby'" in text
