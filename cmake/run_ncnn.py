@@ -26,6 +26,16 @@ class RunnerError(Exception):
     pass
 
 
+# ncnn.Option fields that meta.json's "ncnn_options" may set (deploytool bench --tune), with their type:
+# the same keys as deploytool_runner and deploytool's OPTION_TYPES. Set after the fp32 defaults.
+BOOL_OPTIONS = (
+    "lightmode", "use_winograd_convolution", "use_winograd23_convolution", "use_winograd43_convolution",
+    "use_winograd63_convolution", "use_sgemm_convolution", "use_packing_layout", "use_fp16_packed",
+    "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_packed", "use_bf16_storage",
+)  # fmt: skip
+INT_OPTIONS = ("openmp_blocktime",)
+
+
 def read_meta(path: str) -> dict:
     try:
         with open(path) as f:
@@ -51,6 +61,19 @@ def read_meta(path: str) -> dict:
         raise RunnerError(f'{path} input: color must be "rgb" or "bgr"')
     if inp["resize"] not in ("resize", "letterbox"):
         raise RunnerError(f'{path} input: resize must be "resize" or "letterbox"')
+    options = meta.setdefault("ncnn_options", {})
+    if not isinstance(options, dict):
+        raise RunnerError(f'{path}: "ncnn_options" must be an object of ncnn.Option fields')
+    for key, value in options.items():
+        if key in BOOL_OPTIONS:
+            ok, want = type(value) is bool, "true or false"
+        elif key in INT_OPTIONS:
+            ok, want = type(value) is int and value >= 0, "a whole number of milliseconds, 0 or more"
+        else:
+            known = ", ".join(INT_OPTIONS + BOOL_OPTIONS)
+            raise RunnerError(f'{path}: unknown ncnn option "{key}" in "ncnn_options"; known: {known}')
+        if not ok:
+            raise RunnerError(f'{path}: "ncnn_options" {key} must be {want}, got {value!r}')
     meta["dir"] = os.path.dirname(os.path.abspath(path))
     return meta
 
@@ -166,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     net.opt.use_bf16_storage = False
     if hasattr(net.opt, "use_bf16_packed"):
         net.opt.use_bf16_packed = False
+    for key, value in meta["ncnn_options"].items():  # then what bench --tune chose, if anything
+        setattr(net.opt, key, value)
+    applied = {key: getattr(net.opt, key) for key in meta["ncnn_options"]}
     param = os.path.join(meta["dir"], meta["param"])
     binf = os.path.join(meta["dir"], meta["bin"])
     for f in (param, binf):
@@ -220,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": meta.get("model", "?"),
         "task": meta["task"],
         "threads": args.threads,
+        "ncnn_options": applied,
         "results": results,
     }
     print(json.dumps(doc, indent=2))

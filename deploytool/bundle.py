@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import deferred_signals
 from .backends.ncnn_cpp import runner_source_dir, runner_source_files
+from .backends.ncnn_runner import check_ncnn_options, ncnn_options_of
 from .errors import SpecError
 from .ncnn_param import read_param
 
@@ -21,12 +22,18 @@ META_SCHEMA = 1
 TASKS = ("classify", "detect")
 
 
-def meta_for(spec, param: Path, labels: list[str] | None = None, num_classes: int | None = None) -> dict:
+def meta_for(
+    spec, param: Path, labels: list[str] | None = None, num_classes: int | None = None,
+    ncnn_options: dict | None = None,
+) -> dict:  # fmt: skip
     """meta.json (schema 1) for a spec: ncnn blob names from the .param, preprocessing in ncnn's
     pixel units, so that value = (pixel - mean_vals) * norm_vals = (pixel * scale - mean) / std.
 
     `labels` default to the spec's task_args.names; a detector's `num_classes` (rows of its raw
-    output minus 4) defaults to the number of labels."""
+    output minus 4) defaults to the number of labels. `ncnn_options` (optional: without it every runner
+    uses ncnn's defaults for fp32) are ncnn.Option fields that every runner sets after its fp32
+    defaults, e.g. {"use_winograd63_convolution": false} from `bench --tune`; the keys and their types
+    are backends/ncnn_runner.OPTION_TYPES, an unknown key is refused by each runner."""
     if spec.task not in TASKS:
         raise SpecError(f"{spec.name}: task {spec.task!r} has no runner; bundles support {', '.join(TASKS)}")
     shape = spec.input_shape
@@ -58,6 +65,8 @@ def meta_for(spec, param: Path, labels: list[str] | None = None, num_classes: in
         "labels": labels,
         "top_k": int(args.get("top_k", 5)),
     }
+    if ncnn_options is not None:
+        meta["ncnn_options"] = check_ncnn_options(ncnn_options, f"{spec.name} meta.json")
     if spec.task == "detect":
         num_classes = num_classes or len(labels)
         if not num_classes:
@@ -311,6 +320,7 @@ def write_bundle(
     for key in ("task", "input", "outputs"):
         if key not in meta:
             raise SpecError(f"bundle meta has no {key!r}; build it with deploytool.bundle.meta_for")
+    ncnn_options_of(meta, "bundle meta.json")  # carried to the board as measured, so checked here
     sources = runner_source_files()
     if not (runner_source_dir() / "CMakeLists.txt").is_file():
         raise SpecError(f"the C++ runner sources are missing from {runner_source_dir()}")
@@ -418,7 +428,8 @@ Made by deploytool. Task `{meta["task"]}`, input `{inp["name"]}` {inp["width"]}x
 
 - `model.ncnn.param`, `model.ncnn.bin`: the network
 - `meta.json`: input name and size, preprocessing (value = (pixel - mean_vals) * norm_vals), outputs,
-  labels, task settings
+  labels, task settings and, when tuned (`deploytool bench --tune`), `ncnn_options`: the ncnn::Option
+  fields both runners set (printed back in their JSON)
 - `CMakeLists.txt`, `src/`: the C++ runner `deploytool_runner` (ncnn + OpenCV + nlohmann-json)
 - `toolchains/aarch64-linux-gnu.cmake`: cross-compiling from an x86_64 host
 - `run_ncnn.py`: the same runner in Python (ncnn, numpy, OpenCV only)

@@ -357,6 +357,14 @@ def bench(
     weights: WeightsOpt = None,
     budget: BudgetOpt = None,
     retries: Annotated[int, typer.Option("--retries", help="re-measure noisy rows up to N times")] = 0,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="also search ncnn's runtime options (Winograd, sgemm, packing, ...) of the fp32 and int8 "
+            "variants; the fastest set within --budget goes into meta.json as ncnn_options",
+        ),
+    ] = False,
 ) -> None:
     """Latency (median, p90, min) per backend and per ncnn precision variant, with parity for each, and
     the fastest variant within the accuracy budget."""
@@ -373,6 +381,7 @@ def bench(
         weights=weights,
         budget=budget,
         retries=retries,
+        tune=tune,
     )
     result = bench_model(spec, opts)
     render_bench(result, console)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .backends import BACKENDS, REFERENCE, Artifacts, get_backend, select_backends
+from .backends.ncnn_runner import ncnn_options_of
 from .bundle import TASKS, meta_for
 from .errors import SpecError
 from .inputs import default_images, inputs_for
@@ -98,6 +99,7 @@ def locate(target: Path) -> tuple[Artifacts, dict]:
                 art.meta = json.loads(meta.read_text())
             except ValueError:
                 raise SpecError(f"{meta} is not valid JSON; fix it or delete it") from None
+            ncnn_options_of(art.meta, str(meta))  # bench --tune's options: checked before any work
         if not art.ncnn_bin.is_file():
             raise SpecError(
                 f"{art.ncnn_bin} is missing: a .param needs its .bin beside it, with the same stem"

@@ -49,7 +49,70 @@ struct Meta {
     int top_k = 5;
     float confidence = 0.25f, iou = 0.45f;
     int num_classes = 0, max_det = 300;
+    json ncnn_options = json::object();  // ncnn::Option fields set after the fp32 defaults (bench --tune)
 };
+
+// The ncnn::Option fields meta.json's "ncnn_options" may set: the same keys as deploytool's
+// OPTION_TYPES (backends/ncnn_runner.py) and run_ncnn.py; "openmp_blocktime" (ms) is the one integer.
+const std::vector<std::pair<std::string, bool ncnn::Option::*>> kBoolOptions = {
+    {"lightmode", &ncnn::Option::lightmode},
+    {"use_winograd_convolution", &ncnn::Option::use_winograd_convolution},
+    {"use_winograd23_convolution", &ncnn::Option::use_winograd23_convolution},
+    {"use_winograd43_convolution", &ncnn::Option::use_winograd43_convolution},
+    {"use_winograd63_convolution", &ncnn::Option::use_winograd63_convolution},
+    {"use_sgemm_convolution", &ncnn::Option::use_sgemm_convolution},
+    {"use_packing_layout", &ncnn::Option::use_packing_layout},
+    {"use_fp16_packed", &ncnn::Option::use_fp16_packed},
+    {"use_fp16_storage", &ncnn::Option::use_fp16_storage},
+    {"use_fp16_arithmetic", &ncnn::Option::use_fp16_arithmetic},
+    {"use_bf16_packed", &ncnn::Option::use_bf16_packed},
+    {"use_bf16_storage", &ncnn::Option::use_bf16_storage},
+};
+const char* kBlocktime = "openmp_blocktime";
+
+bool ncnn::Option::*bool_option(const std::string& key) {
+    for (const auto& kv : kBoolOptions)
+        if (kv.first == key) return kv.second;
+    return nullptr;
+}
+
+// Check "ncnn_options" before any work: an object whose keys are known and whose values have their type.
+json check_options(const json& options, const std::string& where) {
+    if (!options.is_object())
+        throw Error(where + ": \"ncnn_options\" must be an object of ncnn::Option fields");
+    for (const auto& kv : options.items()) {
+        const std::string& key = kv.key();
+        if (key == kBlocktime) {
+            if (!kv.value().is_number_integer() || kv.value().get<long long>() < 0)
+                throw Error(where + ": \"ncnn_options\" openmp_blocktime must be a whole number of "
+                                    "milliseconds, 0 or more");
+        } else if (bool_option(key) != nullptr) {
+            if (!kv.value().is_boolean())
+                throw Error(where + ": \"ncnn_options\" " + key + " must be true or false");
+        } else {
+            std::string known = kBlocktime;
+            for (const auto& b : kBoolOptions) known += ", " + b.first;
+            throw Error(where + ": unknown ncnn option \"" + key + "\" in \"ncnn_options\"; known: " + known);
+        }
+    }
+    return options;
+}
+
+// Set the checked options on `opt`; returns what `opt` holds afterwards for those keys.
+json apply_options(ncnn::Option& opt, const json& options) {
+    json applied = json::object();
+    for (const auto& kv : options.items()) {
+        if (kv.key() == kBlocktime) {
+            opt.openmp_blocktime = kv.value().get<int>();
+            applied[kv.key()] = opt.openmp_blocktime;
+        } else {
+            bool ncnn::Option::*field = bool_option(kv.key());
+            opt.*field = kv.value().get<bool>();
+            applied[kv.key()] = opt.*field;
+        }
+    }
+    return applied;
+}
 
 template <typename T>
 T field(const json& j, const char* key, const std::string& where) {
@@ -113,6 +176,7 @@ Meta read_meta(const fs::path& path) {
         m.num_classes = field<int>(d, "num_classes", dw);
         m.max_det = field_or<int>(d, "max_det", 300, dw);
     }
+    if (j.contains("ncnn_options")) m.ncnn_options = check_options(j.at("ncnn_options"), where);
     return m;
 }
 
@@ -287,6 +351,7 @@ int run(int argc, char** argv) {
     net.opt.use_fp16_arithmetic = false;
     net.opt.use_bf16_storage = false;
     net.opt.use_bf16_packed = false;
+    const json applied = apply_options(net.opt, m.ncnn_options);  // then what bench --tune chose, if anything
     const fs::path param = m.dir / m.param, bin = m.dir / m.bin;
     if (!fs::is_regular_file(param)) throw Error(param.string() + ": no such .param file (see meta.json \"param\")");
     if (!fs::is_regular_file(bin)) throw Error(bin.string() + ": no such .bin file (see meta.json \"bin\")");
@@ -344,6 +409,7 @@ int run(int argc, char** argv) {
                       {"model", m.model},
                       {"task", m.task},
                       {"threads", threads},
+                      {"ncnn_options", applied},
                       {"results", results}};
     std::cout << doc.dump(2) << std::endl;
     return 0;

@@ -18,6 +18,7 @@ from ..errors import BackendError, BackendUnavailable, SpecError
 from ..progress import step
 from ..tools import run_tool
 from .base import Runner
+from .ncnn_runner import ncnn_options_of
 
 RUNNER_EXE = "deploytool_runner"
 FIX = "run `make ncnn` (scripts/build_ncnn.sh: apt packages + libncnn from the ncnn sdist)"
@@ -167,7 +168,9 @@ class NcnnCppRunner(Runner):
     The C++ program preprocesses images itself, so there are two ways in:
     `run_images(paths)` gives the program image files (the deployed path, preprocessing included);
     `infer(feed)` writes the already preprocessed tensor to .npy, which the program feeds as is.
-    Either way the raw outputs come back through `--dump-raw` .npy files.
+    Either way the raw outputs come back through `--dump-raw` .npy files. meta.json's "ncnn_options"
+    (bench --tune) are checked here (a bad one is the user's error) and set by the program; extra()
+    reports them as the program's ncnn::Option held them.
     """
 
     name = "ncnn-cpp"
@@ -177,7 +180,9 @@ class NcnnCppRunner(Runner):
         super().__init__()
         self.param, self.bin = Path(param).resolve(), Path(bin).resolve()
         self.meta = dict(meta)
+        ncnn_options_of(self.meta, f"{self.param.parent / 'meta.json'}")  # before any work
         self.threads = threads
+        self._applied: dict | None = None  # the program's report of the ncnn_options it set
         self.exe: Path | None = None
         self._work: Path | None = None
         self._calls = 0
@@ -232,10 +237,12 @@ class NcnnCppRunner(Runner):
             self._keep_logs = True  # the message points at the log: keep it after unload
             raise
         try:
-            return dump, json.loads(ran.stdout or "")
+            doc = json.loads(ran.stdout or "")
         except json.JSONDecodeError as exc:
             self._keep_logs = True
             raise BackendError(f"ncnn-cpp: {RUNNER_EXE} printed no valid JSON ({exc}); log: {log}") from exc
+        self._applied = doc.get("ncnn_options")
+        return dump, doc
 
     def _load_npy(self, path: Path) -> np.ndarray:
         try:
@@ -304,4 +311,7 @@ class NcnnCppRunner(Runner):
         return raw
 
     def extra(self) -> dict:
-        return {} if self._preprocess_max_abs is None else {"preprocess_max_abs": self._preprocess_max_abs}
+        out = {} if self._preprocess_max_abs is None else {"preprocess_max_abs": self._preprocess_max_abs}
+        if self._applied:
+            out["ncnn_options"] = self._applied
+        return out

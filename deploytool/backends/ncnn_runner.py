@@ -24,6 +24,24 @@ from .base import Runner
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 IN_PROCESS_ENV = "DEPLOYTOOL_NCNN_IN_PROCESS"
+# The ncnn.Option fields that meta.json's "ncnn_options" may set (`bench --tune` writes them), with their
+# type. They are applied after the precision's settings, before the model loads. The C++ runner
+# (cmake/src/main.cpp) and the bundle's run_ncnn.py accept exactly these keys.
+OPTION_TYPES: dict[str, type] = {
+    "lightmode": bool,
+    "openmp_blocktime": int,
+    "use_winograd_convolution": bool,
+    "use_winograd23_convolution": bool,
+    "use_winograd43_convolution": bool,
+    "use_winograd63_convolution": bool,
+    "use_sgemm_convolution": bool,
+    "use_packing_layout": bool,
+    "use_fp16_packed": bool,
+    "use_fp16_storage": bool,
+    "use_fp16_arithmetic": bool,
+    "use_bf16_packed": bool,
+    "use_bf16_storage": bool,
+}
 
 
 @contextmanager
@@ -73,6 +91,38 @@ def set_precision(opt, precision: str, vulkan: bool) -> None:
         opt.use_bf16_packed = precision == "bf16"
 
 
+def check_ncnn_options(options, where: str) -> dict:
+    """meta.json's "ncnn_options" ({ncnn.Option field: value}) as a dict; anything else is a SpecError
+    naming `where` and the first bad entry."""
+    if not isinstance(options, dict):
+        raise SpecError(f'{where}: "ncnn_options" must be an object of ncnn.Option fields, not {options!r}')
+    for key, value in options.items():
+        kind = OPTION_TYPES.get(key)
+        if kind is None:
+            raise SpecError(
+                f'{where}: unknown ncnn option {key!r} in "ncnn_options"; known: {", ".join(OPTION_TYPES)}'
+            )
+        # bool is an int in Python: compare the exact type; openmp_blocktime is milliseconds, >= 0
+        if type(value) is not kind or (kind is int and value < 0):
+            want = "true or false" if kind is bool else "a whole number of milliseconds, 0 or more"
+            raise SpecError(f'{where}: "ncnn_options" {key} must be {want}, got {value!r}')
+    return dict(options)
+
+
+def ncnn_options_of(meta: dict | None, where: str = "meta.json") -> dict:
+    """The checked "ncnn_options" of a meta.json (empty when it has none: ncnn's defaults)."""
+    if not meta or "ncnn_options" not in meta:
+        return {}
+    return check_ncnn_options(meta["ncnn_options"], where)
+
+
+def apply_options(opt, options: dict) -> dict:
+    """Set `options` on an ncnn.Option; returns what the Option holds afterwards for those keys."""
+    for key, value in options.items():
+        setattr(opt, key, value)
+    return {key: getattr(opt, key) for key in options}
+
+
 class NcnnSession:
     """One loaded ncnn.Net: what a worker process holds (or the runner itself, in process).
 
@@ -81,7 +131,7 @@ class NcnnSession:
 
     def __init__(
         self, param: str, bin: str, use_vulkan: bool, precision: str, threads: int,
-        input_names: list[str], output_names: list[str], quiet: bool = False,
+        input_names: list[str], output_names: list[str], options: dict | None = None, quiet: bool = False,
     ):  # fmt: skip
         import ncnn
 
@@ -90,6 +140,7 @@ class NcnnSession:
         net.opt.num_threads = threads
         net.opt.use_vulkan_compute = use_vulkan
         set_precision(net.opt, precision, use_vulkan)
+        self.applied = apply_options(net.opt, options or {})
         with quiet_stderr() if quiet else nullcontext():  # in a worker, ncnn's messages go to its log
             if net.load_param(param) != 0:
                 raise SpecError(f"{param}: ncnn could not load this .param (malformed or unknown layer)")
@@ -99,6 +150,10 @@ class NcnnSession:
                     "convert the model again so both files come from one run"
                 )
         self.net = net
+
+    def applied_options(self) -> dict:
+        """The ncnn_options as the net's Option holds them (read back after setting)."""
+        return self.applied
 
     def _feed(self, ex, feed: dict[str, np.ndarray]) -> None:
         import ncnn
@@ -148,18 +203,23 @@ class NcnnSession:
 
 class NcnnRunner(Runner):
     """ncnn's CPU path; NcnnVulkanRunner switches on Vulkan compute. The net lives in a worker process
-    unless `isolate` is False (default: isolated unless DEPLOYTOOL_NCNN_IN_PROCESS=1)."""
+    unless `isolate` is False (default: isolated unless DEPLOYTOOL_NCNN_IN_PROCESS=1). `options` are
+    ncnn.Option fields set after the precision's (a meta.json's "ncnn_options", see OPTION_TYPES);
+    extra() reports them as the loaded net's Option holds them."""
 
     name = "ncnn-cpu"
     use_vulkan = False
 
     def __init__(
-        self, param: Path, bin: Path, precision: str = "fp32", threads: int = 2, isolate: bool | None = None
-    ):
+        self, param: Path, bin: Path, precision: str = "fp32", threads: int = 2, isolate: bool | None = None,
+        options: dict | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.param, self.bin = Path(param), Path(bin)
         self.precision = precision
         self.threads = threads
+        self.options = check_ncnn_options(options or {}, f"{self.param.parent / 'meta.json'}")
+        self._applied: dict | None = None
         self.isolate = os.environ.get(IN_PROCESS_ENV) != "1" if isolate is None else isolate
         self.graph = read_param(self.param)
         self.input_names = self.graph.input_names
@@ -189,7 +249,7 @@ class NcnnRunner(Runner):
         check_files(self.param, self.bin, self.graph)  # what ncnn would crash on or misread is refused here
         args = (
             str(self.param.resolve()), str(self.bin.resolve()), self.use_vulkan, self.precision, self.threads,
-            self.input_names, self.output_names,
+            self.input_names, self.output_names, self.options,
         )  # fmt: skip
         if self.isolate:
             from .isolated import Worker
@@ -197,6 +257,7 @@ class NcnnRunner(Runner):
             self._worker = Worker(self.name, f"{__name__}:NcnnSession", *args)
         else:
             self._session = NcnnSession(*args, quiet=True)
+        self._applied = self._call("applied_options", doing="reading its options")
 
     def _call(self, method: str, *args, doing: str):
         if self._worker is not None:
@@ -231,6 +292,10 @@ class NcnnRunner(Runner):
         if self._session is not None:
             self._session.close()
             self._session = None
+
+    def extra(self) -> dict:
+        """The ncnn_options the loaded net applied (none: ncnn's defaults for the precision)."""
+        return {"ncnn_options": self._applied} if self._applied else {}
 
     def extract_all(self, feed) -> dict[str, np.ndarray]:
         """Every blob of the graph, in graph order (for per-layer comparisons)."""

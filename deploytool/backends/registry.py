@@ -114,7 +114,8 @@ def _ncnn_cpp():
 
 
 def _ncnn(cls, art: Artifacts, c: RunnerConfig) -> Runner:
-    return cls(art.ncnn_param, art.ncnn_bin, precision=c.precision, threads=c.threads)
+    options = (art.meta or {}).get("ncnn_options")  # from bench --tune; the runner checks them
+    return cls(art.ncnn_param, art.ncnn_bin, precision=c.precision, threads=c.threads, options=options)
 
 
 NCNN_PRECISIONS = ("fp32", "fp16", "bf16", "int8")

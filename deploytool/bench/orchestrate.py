@@ -35,6 +35,7 @@ from .facts import file_entry, machine_info, model_info
 from .records import RATIO_BASELINE, BenchReport, BenchRow
 from .select import select_all
 from .timing import Job, measure_with_retries, time_preprocessing
+from .tune import TUNE_BACKEND, tune_variants
 from .variants import BASELINE, VARIANT_BACKENDS, VARIANTS, Variant
 
 
@@ -52,6 +53,7 @@ class BenchOptions:
     budget: str | None = None  # None: judge.DEFAULT_BUDGET
     retries: int = 0  # re-measure a row with a wide spread up to this often; the lowest median is kept
     recipe: Recipe = field(default_factory=Recipe)  # the converter; each variant sets its weights on top
+    tune: bool = False  # also search ncnn's runtime options of the fp32/int8 variants (bench/tune.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -79,6 +81,8 @@ def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str |
                 f"bench does not time {', '.join(unsupported)}; choose from {', '.join(bench_backends())}"
             )
     backends, found = select_backends(opts.backends, default=bench_backends())
+    if opts.tune and TUNE_BACKEND not in backends:
+        raise SpecError(f"--tune searches the runtime options of {TUNE_BACKEND}; add it to --backends")
     return backends, found, budget
 
 
@@ -111,6 +115,12 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
                 row.parity["max_abs_vs_fp32"] = _max_abs_between(spec, baseline_outs, outs)
             rows.append(row)
         _set_ratios([r for r in rows if r.threads == threads])
+    tuned = []
+    if opts.tune:  # at the last thread count, judged against its reference outputs like every row
+        tuned = tune_variants(
+            variants, lambda v: files[v.files_for(base_recipe)], budget, threads,
+            lambda v, art: _bench_row(spec, opts, v.backend, v, art, items, threads, ref_outs, timer)[0],
+        )  # fmt: skip
 
     report = BenchReport(
         model=spec.name,
@@ -130,6 +140,7 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
         model_info=model_info(spec, model, base, items[0].feed),
         artifacts=_artifacts(files, labels, base_recipe),
         stages=timer.stages,
+        tune=tuned,
     )
     for row in rows:
         report.backends[row.backend].device = row.device

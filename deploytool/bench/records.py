@@ -96,6 +96,7 @@ class BenchReport:
     model_info: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, dict | None] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)
+    tune: list = field(default_factory=list)  # tune.TuneResult per tuned variant (bench --tune)
 
     @property
     def budget_fits(self) -> bool | None:
@@ -136,4 +137,5 @@ class BenchReport:
                 "budget": self.budget.text,
                 "by_threads": {str(t): s.to_dict() for t, s in self.selection.items()},
             },
+            **({"tune": [t.to_dict() for t in self.tune]} if self.tune else {}),
         }

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..backends.registry import REFERENCE
 from ..report import fmt
 from .records import RATIO_BASELINE, BenchReport
+from .tune import render_tune, tune_markdown
 
 HEADERS = ["backend/variant", "threads", "median ms", "p90 ms", "min ms", "x ORT", "max_abs", "peak_rel",
            "top1/det agreement", "peak RSS MiB (model)"]  # fmt: skip
@@ -57,6 +58,8 @@ def render_bench(report: BenchReport, console) -> None:
     console.print(table)
     for line in summary_lines(report):
         console.print(line, markup=False, highlight=False)
+    if report.tune:
+        render_tune(report.tune, console)
 
 
 def summary_lines(report: BenchReport) -> list[str]:
@@ -96,4 +99,5 @@ def bench_markdown(report: BenchReport) -> str:
     head = "| " + " | ".join(HEADERS) + " |\n|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|\n"
     body = "".join("| " + " | ".join(row) + " |\n" for row in table_rows(report))
     notes = "".join(f"- {line}\n" for line in summary_lines(report))
-    return head + body + "\n" + notes
+    tuned = "\n" + tune_markdown(report.tune) if report.tune else ""
+    return head + body + "\n" + notes + tuned
