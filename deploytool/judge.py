@@ -107,13 +107,16 @@ def topk_agreement(ref: np.ndarray, got: np.ndarray, k: int = 5) -> dict:
 # ---------------------------------------------------------------- tolerances
 
 
-def judged_precision(backend: str, precision: str = "fp32", fp16_weights: bool = False) -> str:
+def judged_precision(
+    backend: str, precision: str = "fp32", fp16_weights: bool = False, int8_model: bool = False
+) -> str:
     """The precision a backend's output is judged at: its ncnn mode when it takes one, else fp32;
-    fp32 ncnn arithmetic over fp16-rounded weights (pnnx fp16=1) is judged as fp16."""
+    fp32 ncnn arithmetic over fp16-rounded weights (pnnx fp16=1) is judged as fp16; an int8-quantized
+    model of any backend (`int8_model`: ONNX Runtime's QDQ model in bench) is judged as int8."""
     from .backends.registry import get_backend
 
     info = get_backend(backend)
-    if precision == "int8" and info.family == "ncnn":  # the int8 model, whichever ncnn runs it
+    if int8_model or (precision == "int8" and info.family == "ncnn"):  # the int8 model, whoever runs it
         return "int8"
     prec = precision if precision in info.precisions else "fp32"
     if fp16_weights and info.family == "ncnn" and prec == "fp32":
@@ -232,10 +235,11 @@ def judge_backend(
     outs: list[dict],
     precision: str = "fp32",
     fp16_weights: bool = False,
+    int8_model: bool = False,
 ) -> Verdict:
     """Compare every output of `backend` on every input with the reference's, at the tolerance of the
     precision it ran at, and judge task agreement (classify: top-k; detect: matched detections)."""
-    judged = judged_precision(backend, precision, fp16_weights)
+    judged = judged_precision(backend, precision, fp16_weights, int8_model)
     comparisons, histograms = [], {}
     for name in spec.output_names:
         tol = spec.tolerance(backend, judged, name)

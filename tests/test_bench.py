@@ -151,6 +151,60 @@ def test_selection_record_per_thread_count():
     assert select_all(_rows(), parse_budget("top1=1"), (2,), "m") == {}  # nothing to select from
 
 
+def test_select_variant_never_picks_a_peer():
+    ort8 = BenchRow("onnxruntime", "int8", 2, {"median": 1.0}, {"top1_agreement": 1.0, "peak_rel": 0.0})
+    rows = _rows(ort8, _row("fp32", 13.0))
+    assert select_variant(rows, parse_budget("top1=1")).variant == "fp32"  # not the faster ORT int8
+    assert select_all(_rows(ort8), parse_budget("top1=1"), (2,), "m") == {}  # a peer alone: no pick
+    with pytest.raises(SpecError, match="no ncnn variant"):
+        select_variant(_rows(ort8), parse_budget("top1=1"))
+
+
+# ---------------------------------------------------------------- ratios to ONNX Runtime fp32 and int8
+
+
+def _timed(backend, variant, median, low, threads=2):
+    return BenchRow(backend, variant, threads, {"median": median, "min": low}, {})
+
+
+def test_ratios_to_ort_fp32_and_int8():
+    from deploytool.bench.orchestrate import _set_ratios
+
+    ort, ort8 = _timed("onnxruntime", None, 20.0, 16.0), _timed("onnxruntime", "int8", 8.0, 5.0)
+    ncnn8, torch = _timed("ncnn-cpu", "int8", 6.0, 4.0), _timed("torch", None, 30.0, 24.0)
+    _set_ratios([torch, ort, ort8, ncnn8])
+    assert (ncnn8.ratio_to_onnxruntime, ncnn8.ratio_to_onnxruntime_min) == (0.3, 0.25)
+    assert ncnn8.ratio_to_onnxruntime_int8 == 0.75
+    assert (torch.ratio_to_onnxruntime_int8, ort.ratio_to_onnxruntime_int8) == (3.75, 2.5)
+    assert (ort8.ratio_to_onnxruntime, ort8.ratio_to_onnxruntime_int8) == (0.4, 1.0)
+    assert ort.ratio_to_onnxruntime == ort.ratio_to_onnxruntime_min == 1.0
+    assert _timed("x", None, 1.0, 1.0).to_dict()["ratio_to_onnxruntime_int8"] is None
+
+
+def test_ratios_without_a_baseline_stay_unset():
+    from deploytool.bench.orchestrate import _set_ratios
+
+    ort, ncnn = _timed("onnxruntime", None, 20.0, 16.0), _timed("ncnn-cpu", "fp32", 10.0, 9.0)
+    _set_ratios([ort, ncnn])  # no onnxruntime/int8 row (e.g. --backends torch,ncnn-cpu)
+    assert ncnn.ratio_to_onnxruntime == 0.5 and ncnn.ratio_to_onnxruntime_int8 is None
+    alone = _timed("ncnn-cpu", "fp32", 10.0, 9.0)
+    _set_ratios([alone, _timed("onnxruntime", "int8", 4.0, 4.0)])  # ORT fp32 missing, int8 there
+    assert alone.ratio_to_onnxruntime is None and alone.ratio_to_onnxruntime_int8 == 2.5
+
+
+def test_table_has_the_ort_int8_column():
+    from deploytool.bench import HEADERS, table_rows
+    from deploytool.bench.records import BenchReport
+
+    row = _timed("ncnn-cpu", "int8", 6.0, 4.0)
+    row.latency_ms.update(p90=7.0, spread_note=None)
+    row.parity = {"max_abs": 0.1, "peak_rel": 0.05, "top1_agreement": 1.0}
+    row.ratio_to_onnxruntime, row.ratio_to_onnxruntime_int8 = 0.3, 0.75
+    report = BenchReport("m", "m.toml", BenchOptions(out="x"), parse_budget("top1=1"), "", {}, [row], {}, [])
+    cells = dict(zip(HEADERS, table_rows(report)[0], strict=True))
+    assert cells["x ORT"] == "0.30x" and cells["x ORT int8"] == "0.75x"
+
+
 def test_row_to_dict_uses_the_report_names():
     row = BenchRow(
         "ncnn-cpu", "fp16", 2, {"median": 1.0}, {"peak_rel": float("inf"), "top1_agreement": 1.0},
@@ -314,7 +368,8 @@ def test_a_registered_bench_backend_is_benched_without_changing_bench(plugin_bac
     )
     report = bench_model(spec, opts)
 
-    assert [r.name for r in report.rows] == ["torch", "onnxruntime", name]
+    expected = ["torch", "onnxruntime", "onnxruntime/int8", name]  # onnxruntime brings its int8 peer
+    assert [r.name for r in report.rows] == expected
     ort, copy = report.row("onnxruntime", 1), report.row(name, 1)
     assert copy.latency_ms["n"] == 2 and copy.device == "cpu"
     assert copy.peak_rss_mib >= copy.baseline_rss_mib > 0
@@ -323,7 +378,7 @@ def test_a_registered_bench_backend_is_benched_without_changing_bench(plugin_bac
     assert report.backends[name].available and report.budget_fits is None and report.selection == {}
     assert (tmp_path / "out" / "logs" / f"bench-{name}-t1.log").is_file()  # it ran in a worker process
     written = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert [r["name"] for r in written["results"]] == ["torch", "onnxruntime", name]
+    assert [r["name"] for r in written["results"]] == expected
     assert written["selection"] == {"budget": "top1_agreement=1,peak_rel=0.01", "by_threads": {}}
 
 

@@ -21,18 +21,20 @@ from ..backends.registry import (
 )
 from ..errors import SpecError
 from ..inputs import inputs_for
+from ..ort_quant import OrtQuantRecipe, quantize_onnx
 from ..pipeline import (
     Recipe,
     RunOptions,
     StageTimer,
     build_artifacts,
+    calibration_images,
     convert_stage,
     versions,
 )
 from ..results import BackendResult, InputItem
 from ..spec import ModelSpec, Tolerance
 from .facts import file_entry, machine_info, model_info
-from .records import RATIO_BASELINE, BenchReport, BenchRow
+from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchReport, BenchRow
 from .select import select_all
 from .timing import Job, measure_with_retries, time_preprocessing
 from .tune import TUNE_BACKEND, tune_variants
@@ -103,16 +105,16 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
     rows: list[BenchRow] = []
     for threads in opts.threads:
         ref_outs: list[dict] = []
-        baseline_outs: list[dict] | None = None
-        for backend, v in [(b, None) for b in plain] + [(v.backend, v) for v in variants]:
+        fp32_outs: dict[str, list[dict]] = {}  # backend -> its fp32 outputs (ncnn's: the baseline's)
+        for backend, v in _row_order(plain, variants):
             art = files[v.files_for(base_recipe)] if v else base
             row, outs = _bench_row(spec, opts, backend, v, art, items, threads, ref_outs, timer)
             if backend == REFERENCE:
                 ref_outs = outs
-            if v is BASELINE:
-                baseline_outs = outs
-            elif v is not None and baseline_outs is not None:
-                row.parity["max_abs_vs_fp32"] = _max_abs_between(spec, baseline_outs, outs)
+            if v is None or v is BASELINE:
+                fp32_outs[backend] = outs
+            elif (fp32 := fp32_outs.get(backend if v.peer else BASELINE.backend)) is not None:
+                row.parity["max_abs_vs_fp32"] = _max_abs_between(spec, fp32, outs)
             rows.append(row)
         _set_ratios([r for r in rows if r.threads == threads])
     tuned = []
@@ -149,13 +151,22 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
     return report
 
 
+def _row_order(plain: list[str], variants: list[Variant]) -> list[tuple[str, Variant | None]]:
+    """(backend, variant) in timing order: each plain backend and its peers, then the ncnn variants."""
+    order: list[tuple[str, Variant | None]] = []
+    for b in plain:
+        order += [(b, None)] + [(b, v) for v in variants if v.backend == b]
+    return order + [(v.backend, v) for v in variants if v.backend not in plain]
+
+
 def _make_files(
     spec: ModelSpec, opts: BenchOptions, base: Recipe, variants: list[Variant], plain: list[str],
     x: np.ndarray, timer: StageTimer,
 ) -> tuple[object, dict[Recipe, Artifacts], dict[Recipe, str]]:  # fmt: skip
-    """Export once, then convert once per distinct recipe that a row needs (`base` into opts.out, each
-    other one into opts.out/VARIANT). Returns the eager model, {recipe: its artifacts, without the
-    model} (`base` always present, converted or not) and {recipe: the variant it is named after}."""
+    """Export once, then convert once per distinct ncnn recipe that a row needs (`base` into opts.out, each
+    other one into opts.out/VARIANT) and quantize the ONNX file once per ONNX Runtime recipe
+    (model.int8.onnx beside model.onnx). Returns the eager model, {recipe: its artifacts, without the
+    model} (`base` always present, converted or not) and {ncnn recipe: the variant it is named after}."""
     run_opts = RunOptions(out=opts.out, weights=opts.weights, recipe=base)
     exported = build_artifacts(spec, run_opts, x, opts.out, timer, convert_ncnn=False)
     model, exported = exported.model, replace(exported, model=None)  # workers rebuild it: jobs stay small
@@ -163,8 +174,14 @@ def _make_files(
     if any(get_backend(b).family == "ncnn" for b in plain):
         labels[base] = BASELINE.name
     for v in variants:
-        labels.setdefault(v.files_for(base), v.name)
-    files = {base: exported}
+        if isinstance(v.recipe, Recipe):
+            labels.setdefault(v.files_for(base), v.name)
+    files: dict[Recipe | OrtQuantRecipe, Artifacts] = {base: exported}
+    for v in variants:
+        if isinstance(v.recipe, OrtQuantRecipe) and v.recipe not in files:
+            with timer.stage(f"quantize:{v.label}"):
+                onnx = quantize_onnx(spec, exported.onnx, calibration_images(), v.recipe)
+            files[v.recipe] = replace(exported, onnx=onnx)
     for recipe, name in labels.items():
         stage, folder = ("convert", opts.out) if recipe == base else (f"convert:{name}", opts.out / name)
         folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +201,9 @@ def _artifacts(files: dict[Recipe, Artifacts], labels: dict[Recipe, str], base: 
         "ncnn_bin": file_entry(art.ncnn_bin),
     }
     for recipe, other in files.items():
-        if recipe != base:
+        if isinstance(recipe, OrtQuantRecipe):
+            out["onnx_int8"] = file_entry(other.onnx)
+        elif recipe != base:
             out[f"ncnn_bin_{labels[recipe].replace('-', '_')}"] = file_entry(other.ncnn_bin)
     return out
 
@@ -207,8 +226,10 @@ def _bench_row(
         log = opts.out / "logs" / f"bench-{label.replace('/', '-')}-t{threads}.log"
         got, stats, attempts = measure_with_retries(job, log, stage, opts.retries)
     ref = got.outputs if backend == REFERENCE else ref_outs
-    fp16_weights = variant.fp16_weights if variant else False
-    verdict = judge.judge_backend(spec, backend, REFERENCE, items, ref, got.outputs, precision, fp16_weights)
+    fp16_weights, int8 = (variant.fp16_weights, variant.int8) if variant else (False, False)
+    verdict = judge.judge_backend(
+        spec, backend, REFERENCE, items, ref, got.outputs, precision, fp16_weights, int8_model=int8
+    )
     row = BenchRow(
         backend, variant.name if variant else None, threads, stats, verdict.summary(),
         peak_rss_mib=got.peak_rss_mib, baseline_rss_mib=got.baseline_rss_mib, device=got.device,
@@ -218,13 +239,18 @@ def _bench_row(
 
 
 def _set_ratios(rows: list[BenchRow]) -> None:
-    """Each row's median and min as a multiple of the ratio baseline's (one thread count)."""
-    base = next((r for r in rows if r.backend == RATIO_BASELINE and r.variant is None), None)
-    if base is None:
-        return
+    """Each row's median and min as a multiple of ONNX Runtime fp32's, and its median as a multiple of
+    ONNX Runtime int8's (rows of one thread count; a baseline that was not benched leaves None)."""
+    fp32 = next((r for r in rows if r.name == RATIO_BASELINE), None)
+    int8 = next((r for r in rows if r.name == RATIO_BASELINE_INT8), None)
     for r in rows:
-        r.ratio_to_onnxruntime = round(r.latency_ms["median"] / base.latency_ms["median"], 4)
-        r.ratio_to_onnxruntime_min = round(r.latency_ms["min"] / base.latency_ms["min"], 4)
+        r.ratio_to_onnxruntime = _ratio(r, fp32, "median")
+        r.ratio_to_onnxruntime_min = _ratio(r, fp32, "min")
+        r.ratio_to_onnxruntime_int8 = _ratio(r, int8, "median")
+
+
+def _ratio(row: BenchRow, base: BenchRow | None, stat: str) -> float | None:
+    return None if base is None else round(row.latency_ms[stat] / base.latency_ms[stat], 4)
 
 
 def _max_abs_between(spec: ModelSpec, a: list[dict], b: list[dict]) -> float:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 RATIO_BASELINE = "onnxruntime"  # every row's median is also given as a multiple of this backend's
+RATIO_BASELINE_INT8 = "onnxruntime/int8"  # ... and of this row's (ONNX Runtime's own int8 model)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class BenchRow:
     attempts: list[dict] = field(default_factory=list)
     ratio_to_onnxruntime: float | None = None
     ratio_to_onnxruntime_min: float | None = None
+    ratio_to_onnxruntime_int8: float | None = None  # median / onnxruntime/int8's median
 
     @property
     def name(self) -> str:
@@ -53,6 +55,7 @@ class BenchRow:
             "attempts": self.attempts,
             "ratio_to_onnxruntime": self.ratio_to_onnxruntime,
             "ratio_to_onnxruntime_min": self.ratio_to_onnxruntime_min,
+            "ratio_to_onnxruntime_int8": self.ratio_to_onnxruntime_int8,
             "memory": {
                 "peak_rss_mib": round(self.peak_rss_mib, 1),
                 "baseline_rss_mib": round(self.baseline_rss_mib, 1),
@@ -130,7 +133,8 @@ class BenchReport:
             "model_info": self.model_info,
             "artifacts": self.artifacts,
             "backends": {n: b.to_dict() for n, b in self.backends.items()},
-            "variants": {v.name: v.to_dict() for v in self.variants},
+            "variants": {v.name: v.to_dict() for v in self.variants if not v.peer},
+            "peers": {v.label: v.to_dict() for v in self.variants if v.peer},
             "results": [r.to_dict() for r in self.rows],
             "stages": self.stages,
             "selection": {

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from ..backends.registry import REFERENCE
 from ..report import fmt
-from .records import RATIO_BASELINE, BenchReport
+from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchReport
 from .tune import render_tune, tune_markdown
 
-HEADERS = ["backend/variant", "threads", "median ms", "p90 ms", "min ms", "x ORT", "max_abs", "peak_rel",
-           "top1/det agreement", "peak RSS MiB (model)"]  # fmt: skip
+HEADERS = ["backend/variant", "threads", "median ms", "p90 ms", "min ms", "x ORT", "x ORT int8", "max_abs",
+           "peak_rel", "top1/det agreement", "peak RSS MiB (model)"]  # fmt: skip
 
 
 def _task_cell(parity: dict) -> str:
@@ -20,6 +20,10 @@ def _task_cell(parity: dict) -> str:
     if parity.get("detection_agreement") is not None:
         return f"det {parity['detection_agreement']:.2f}"
     return "-"
+
+
+def _times(ratio: float | None) -> str:
+    return fmt(ratio, ".2f") + ("x" if ratio else "")
 
 
 def table_rows(report: BenchReport) -> list[list[str]]:
@@ -36,7 +40,8 @@ def table_rows(report: BenchReport) -> list[list[str]]:
                 f"{lat['median']:.2f}" + ("*" if lat.get("spread_note") else ""),
                 f"{lat['p90']:.2f}",
                 f"{lat['min']:.2f}",
-                fmt(r.ratio_to_onnxruntime, ".2f") + ("x" if r.ratio_to_onnxruntime else ""),
+                _times(r.ratio_to_onnxruntime),
+                _times(r.ratio_to_onnxruntime_int8),
                 "ref" if ref else fmt(p["max_abs"], ".2g"),
                 "ref" if ref else fmt(p["peak_rel"], ".2g"),
                 "ref" if ref else _task_cell(p),
@@ -66,8 +71,9 @@ def summary_lines(report: BenchReport) -> list[str]:
     """The facts below the table, as plain lines (console and Markdown)."""
     o = report.options
     lines = [
-        f"median of {o.runs} timed runs after {o.warmup} warm-up; x ORT = median / {RATIO_BASELINE}'s "
-        f"median at the same threads; peak_rel = max|got-ref| / max|ref|; top1/det agreement = share of "
+        f"median of {o.runs} timed runs after {o.warmup} warm-up; x ORT (x ORT int8) = median / "
+        f"{RATIO_BASELINE}'s ({RATIO_BASELINE_INT8}'s) median at the same threads; "
+        "peak_rel = max|got-ref| / max|ref|; top1/det agreement = share of "
         f"inputs whose top-1 class / detections match {REFERENCE}; * = wide spread (busy machine)"
     ]
     pre = report.preprocess

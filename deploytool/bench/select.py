@@ -1,4 +1,5 @@
-"""The pick: the fastest ncnn variant whose parity stays within a judge.Budget, per thread count."""
+"""The pick: the fastest ncnn variant whose parity stays within a judge.Budget, per thread count (peers
+such as onnxruntime/int8 are compared, never picked)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 from ..errors import ParityError, SpecError
 from ..judge import Budget
 from .records import RATIO_BASELINE, BenchRow, Selection
-from .variants import VARIANT_BACKENDS
+from .variants import CANDIDATE_LABELS, VARIANT_BACKENDS
 
 
 def select_variant(
@@ -16,7 +17,7 @@ def select_variant(
     """The fastest variant (by median at `threads`, default the most benched) within `budget`, with the
     reason. Raises ParityError listing every variant and why it failed when none fits, SpecError when
     no variant was benched (at `threads`)."""
-    entries = [r for r in rows if r.variant]
+    entries = [r for r in rows if r.name in CANDIDATE_LABELS]
     if not entries:
         raise SpecError(f"no ncnn variant was benched; include {' or '.join(VARIANT_BACKENDS)} in --backends")
     if threads is None:
@@ -52,7 +53,7 @@ def select_all(
     rows: Sequence[BenchRow], budget: Budget, threads: Sequence[int], model: str
 ) -> dict[int, Selection]:
     """select_variant at every thread count, a failure recorded (not raised); empty without variants."""
-    if not any(r.variant for r in rows):
+    if not any(r.name in CANDIDATE_LABELS for r in rows):
         return {}
     out = {}
     for t in threads:

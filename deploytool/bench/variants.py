@@ -1,4 +1,5 @@
-"""The ncnn variants (files' recipe + runtime precision + backend) and the RunOptions that run one."""
+"""The variants (files' recipe + runtime precision + backend) and the RunOptions that run one: ncnn's,
+among which --budget and --precision auto choose, and peers (ONNX Runtime's int8) timed for comparison."""
 
 from __future__ import annotations
 
@@ -6,25 +7,42 @@ from dataclasses import dataclass, field, replace
 
 from ..backends.registry import default_backends
 from ..errors import SpecError
+from ..ort_quant import OrtQuantRecipe
 from ..pipeline import Recipe, RunOptions
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the converted model: its files' recipe, the runner's precision, the backend."""
+    """One way to run the model: its files' recipe (ncnn's conversion, or ONNX Runtime's quantization of
+    the exported ONNX file), the runner's precision, the backend. A `peer` is timed beside its backend's
+    own row as a point of comparison; it is never what --budget or --precision auto picks."""
 
     name: str
     backend: str
     description: str
-    recipe: Recipe = field(default_factory=Recipe)  # only the weight settings count: see files_for
-    precision: str = "fp32"  # the runner's precision (set_precision in backends/ncnn_runner.py)
+    recipe: Recipe | OrtQuantRecipe = field(default_factory=Recipe)  # see files_for
+    precision: str = "fp32"  # the runner's precision (set_precision in backends/ncnn_runner.py); judged at
+    peer: bool = False
+
+    @property
+    def label(self) -> str:
+        """The row's name: backend/variant."""
+        return f"{self.backend}/{self.name}"
 
     @property
     def fp16_weights(self) -> bool:
-        return self.recipe.fp16_weights
+        return isinstance(self.recipe, Recipe) and self.recipe.fp16_weights
 
-    def files_for(self, base: Recipe) -> Recipe:
-        """The recipe of this variant's files: the user's converter, this variant's weights."""
+    @property
+    def int8(self) -> bool:
+        """An int8-quantized model (ncnn's or ONNX Runtime's): judged at the int8 tolerance."""
+        return self.precision == "int8"
+
+    def files_for(self, base: Recipe) -> Recipe | OrtQuantRecipe:
+        """The recipe of this variant's files: for ncnn, the user's converter with this variant's weights;
+        ONNX Runtime's quantization reads the exported ONNX file, whatever the converter."""
+        if isinstance(self.recipe, OrtQuantRecipe):
+            return self.recipe
         return replace(self.recipe, converter=base.converter, onnx2ncnn=base.onnx2ncnn)
 
     def to_dict(self) -> dict:
@@ -59,14 +77,21 @@ VARIANTS = (
         precision="int8",
     ),
     Variant("vulkan", "ncnn-vulkan", "Vulkan compute, fp16 storage on the device, fp32 arithmetic"),
-)
-VARIANT_NAMES = tuple(v.name for v in VARIANTS)
-BASELINE = VARIANTS[0]  # the other variants' outputs are also compared with this one's (max_abs_vs_fp32)
-VARIANT_BACKENDS = tuple(dict.fromkeys(v.backend for v in VARIANTS))
+    Variant(
+        "int8", "onnxruntime", OrtQuantRecipe().description, recipe=OrtQuantRecipe(), precision="int8",
+        peer=True,
+    ),
+)  # fmt: skip
+CANDIDATES = tuple(v for v in VARIANTS if not v.peer)  # what --budget and --precision auto choose among
+VARIANT_NAMES = tuple(v.name for v in CANDIDATES)
+BASELINE = VARIANTS[0]  # the other candidates' outputs are also compared with this one's (max_abs_vs_fp32)
+VARIANT_BACKENDS = tuple(dict.fromkeys(v.backend for v in CANDIDATES))  # benched only as variants
+CANDIDATE_LABELS = frozenset(v.label for v in CANDIDATES)
 
 
 def get_variant(name: str) -> Variant:
-    for v in VARIANTS:
+    """The candidate variant `name` (peers are not run or picked by name)."""
+    for v in CANDIDATES:
         if v.name == name:
             return v
     raise SpecError(f"unknown variant {name!r}; variants: {', '.join(VARIANT_NAMES)}")
