@@ -330,7 +330,12 @@ def kl_threshold_bin(histogram: np.ndarray, target: int = TARGET_BINS) -> int:
     """ncnn2table's search: the number of histogram bins T (target <= T < len) whose clipped
     distribution (outliers folded into bin T-1) loses least information, by KL divergence, when
     merged into `target` bins and expanded back. Merging averages the source bins each target bin
-    overlaps (fractionally at its edges); expanding spreads each average back over the same overlap."""
+    overlaps (fractionally at its edges); expanding spreads each average back over the same overlap.
+
+    One candidate more than ncnn2table: T = len (no clipping). ncnn2table always clips, so an input
+    whose |x| sits at its maximum (a constant blob, such as the ones a YOLO head turns into its grid
+    with a convolution) was clipped to 1/16 of its value; with the candidate, such an input keeps its
+    range, and an ordinary distribution still has its tail clipped (the no-clip KL is not lower)."""
     h = np.asarray(histogram, dtype=np.float64)
     total = h.sum()
     if total <= 0:
@@ -344,7 +349,7 @@ def kl_threshold_bin(histogram: np.ndarray, target: int = TARGET_BINS) -> int:
         return c[i] * width + (x - i * width) * values[i]
 
     best, best_kl = target, math.inf
-    for threshold in range(target, len(p)):
+    for threshold in range(target, len(p) + 1):
         clip = p[:threshold] + KL_EPS
         clip[-1] += p[threshold:].sum()
         width = threshold / target

@@ -194,6 +194,16 @@ def test_kl_search_matches_a_direct_transcription():
     assert Q.kl_threshold_bin(tail) < Q.NUM_BINS // 2
 
 
+def test_kl_keeps_the_range_of_a_constant_input():
+    """A blob whose |x| is one value (all mass in the top bin: YOLO's grid is a convolution over a blob
+    of ones) is not clipped: ncnn2table's search, which always clips, scaled it to 1/16 of its value."""
+    spike = np.zeros(Q.NUM_BINS)
+    spike[-1] = 1600
+    assert Q.kl_threshold_bin(spike) == Q.NUM_BINS
+    tail = np.histogram(np.abs(np.random.default_rng(2).standard_normal(50000)), bins=Q.NUM_BINS)[0]
+    assert Q.kl_threshold_bin(tail) < Q.NUM_BINS  # an ordinary tail is still clipped
+
+
 def _int8_outputs(param, bin, feeds):
     with NcnnRunner(param, bin, precision="fp32") as runner:
         return [next(iter(runner.infer(f).values())) for f in feeds]
