@@ -243,6 +243,22 @@ def quantize(
     report: ReportOpt = None,
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="rank the int8 layers by how much each alone degrades the output, and show the error "
+            "growth blob by blob (sensitivity.json, ## int8 sensitivity in the Markdown, sensitivity.png)",
+        ),
+    ] = False,
+    auto_mixed: Annotated[
+        str | None,
+        typer.Option(
+            "--auto-mixed",
+            help="keep the most sensitive layers fp32 until the int8 model meets this budget against torch, "
+            'e.g. "top1=1.0,cosine=0.999" (implies --explain)',
+        ),
+    ] = None,
 ) -> None:
     """Calibrate and write MODEL's int8 ncnn model (model.int8.param/.bin, model.table in ncnn2table's
     format), then check it against torch; exit 1 if a parity check fails. Same as
@@ -250,8 +266,10 @@ def quantize(
     from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
     from .report import check_output_files
+    from .sensitivity import ExplainOptions
 
     check_output_files(report=report, junit=junit, markdown=markdown)
+    explained = ExplainOptions(auto_mixed) if explain or auto_mixed is not None else None
     spec = load_spec(model, input_shape)
     opts = RunOptions(
         out=Path(out or Path("out") / spec.name),
@@ -262,10 +280,18 @@ def quantize(
         ncnn_precision="int8",
         threads=threads,
     )
-    result = run_pipeline(spec, opts)
+    section = None
+    if explained is None:
+        result = run_pipeline(spec, opts)
+    else:
+        from .sensitivity import explain_quantize, markdown_section, render_sensitivity
+
+        result, sens = explain_quantize(spec, opts, explained)
+        render_sensitivity(sens, console)
+        section = functools.partial(markdown_section, sens)
     layers = result.artifacts.get("int8_layers") or []
     console.print(f"quantized {len(layers)} layers; table {result.artifacts.get('int8_table')}")
-    _render(result, opts.out, report, junit, markdown)
+    _render(result, opts.out, report, junit, markdown, section=section)
 
 
 @command
@@ -324,13 +350,14 @@ def parity(
 
 
 def _render(result, folder: Path | None, report: Path | None, junit: Path | None, markdown: Path | None,
-            stem: str = "report"):  # fmt: skip
-    """Print the summary and write the report files; exit 0 (passed), 1 (a parity check failed) or 3
-    (a backend failed: the others' results are in the report all the same)."""
+            stem: str = "report", section=None):  # fmt: skip
+    """Print the summary and write the report files (`section`: see report.write_outputs); exit 0
+    (passed), 1 (a parity check failed) or 3 (a backend failed: the others' results are in the report
+    all the same)."""
     from .report import console_summary, write_outputs
 
     console_summary(result, console)
-    written = write_outputs(result, folder, report, junit, markdown, stem)
+    written = write_outputs(result, folder, report, junit, markdown, stem, section)
     if written:
         console.print("  wrote " + ", ".join(map(str, written)))
     failed = result.failed_backends

@@ -260,18 +260,19 @@ def judge_backend(
 # ---------------------------------------------------------------- budgets
 
 # Budget keys are the report's metric names; the short forms are accepted on the command line.
-AT_LEAST = ("top1_agreement", "top5_agreement", "detection_agreement")
+AT_LEAST = ("top1_agreement", "top5_agreement", "detection_agreement", "cosine")
 AT_MOST = ("peak_rel", "max_abs")
 BUDGET_KEYS = AT_LEAST + AT_MOST
 BUDGET_ALIASES = {"top1": "top1_agreement", "top5": "top5_agreement", "det": "detection_agreement",
-                  "rel": "peak_rel", "abs": "max_abs"}  # fmt: skip
+                  "rel": "peak_rel", "abs": "max_abs", "cos": "cosine"}  # fmt: skip
 DEFAULT_BUDGET = "top1_agreement=1,peak_rel=0.01"
 
 
 @dataclass(frozen=True)
 class Budget:
     """What a variant must keep against the reference over every input: at least `top1_agreement`,
-    `top5_agreement` (classify), `detection_agreement` (detect); at most `peak_rel`
+    `top5_agreement` (classify), `detection_agreement` (detect), `cosine` (the worst output and
+    input's); at most `peak_rel`
     (max|got - ref| / max|ref| per output and input: unlike elementwise relative error it does not
     explode on near-zero logits) and `max_abs`."""
 
@@ -299,32 +300,33 @@ class Budget:
         return out
 
 
-def parse_budget(text: str | None) -> Budget:
-    """'top1=1.0,rel=1e-2' (or the long names) -> Budget; anything malformed is a SpecError."""
-    example = "e.g. --budget top1=1.0,rel=1e-2"
+def parse_budget(text: str | None, flag: str = "--budget") -> Budget:
+    """'top1=1.0,rel=1e-2' (or the long names) -> Budget; anything malformed is a SpecError that
+    names `flag` (--budget, --auto-mixed)."""
+    example = f"e.g. {flag} top1=1.0,rel=1e-2"
     names = ", ".join(f"{k} ({a})" for a, k in BUDGET_ALIASES.items())
     items = [p.strip() for p in (text or "").split(",") if p.strip()]
     if not items:
-        raise SpecError(f"--budget is empty; give key=value pairs from {names} ({example})")
+        raise SpecError(f"{flag} is empty; give key=value pairs from {names} ({example})")
     limits: dict[str, float] = {}
     for item in items:
         key, sep, raw = (s.strip() for s in item.partition("="))
         if not sep:
-            raise SpecError(f"--budget: {item!r} is not key=value ({example})")
+            raise SpecError(f"{flag}: {item!r} is not key=value ({example})")
         canonical = BUDGET_ALIASES.get(key, key)
         if canonical not in BUDGET_KEYS:
             close = difflib.get_close_matches(key, [*BUDGET_ALIASES, *BUDGET_KEYS], n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise SpecError(f"--budget: unknown key {key!r}; {hint}use {names} ({example})")
+            raise SpecError(f"{flag}: unknown key {key!r}; {hint}use {names} ({example})")
         if canonical in limits:
-            raise SpecError(f"--budget: {canonical} is given twice")
+            raise SpecError(f"{flag}: {canonical} is given twice")
         try:
             value = float(raw)
         except ValueError:
-            raise SpecError(f"--budget: {key}={raw!r} is not a number ({example})") from None
+            raise SpecError(f"{flag}: {key}={raw!r} is not a number ({example})") from None
         if not math.isfinite(value) or value < 0:
-            raise SpecError(f"--budget: {key} must be a finite number >= 0, got {raw}")
+            raise SpecError(f"{flag}: {key} must be a finite number >= 0, got {raw}")
         if canonical in AT_LEAST and value > 1:
-            raise SpecError(f"--budget: {key} is a share of inputs in [0, 1], got {raw}")
+            raise SpecError(f"{flag}: {key} is a share of inputs (or a cosine) in [0, 1], got {raw}")
         limits[canonical] = value
     return Budget(limits)

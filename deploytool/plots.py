@@ -55,14 +55,41 @@ def layer_curves(report: RunReport, path: Path) -> Path | None:
         rows = [r for r in layers if r.comparison == name and math.isfinite(r.max_abs)]
         xs = [r.index for r in rows]
         ys = [max(r.max_abs, 1e-12) for r in rows]
-        (line,) = ax.plot(xs, ys, marker=".", label=name)
-        bad = [(x, y) for x, y, r in zip(xs, ys, rows, strict=True) if not r.passed]
-        if bad:
-            ax.scatter(*zip(*bad, strict=True), color=line.get_color(), marker="x", s=60)
-    ax.set_yscale("log")
+        _marked_line(ax, xs, ys, name, [not r.passed for r in rows], marker="x", size=60)
     ax.set_xlabel("layer index (graph order)")
     ax.set_ylabel("max |Δ| of the layer's output")
     ax.set_title(f"{report.model}: per-layer error (× = over tolerance)")
+    return _save_log(fig, ax, plt, path)
+
+
+def _marked_line(ax, xs: list, ys: list, label: str, marked: list[bool], marker: str, size: int) -> None:
+    """A line through (xs, ys) with the `marked` points drawn again with `marker` in its colour."""
+    (line,) = ax.plot(xs, ys, marker=".", label=label)
+    points = [(x, y) for x, y, m in zip(xs, ys, marked, strict=True) if m]
+    if points:
+        ax.scatter(*zip(*points, strict=True), color=line.get_color(), marker=marker, s=size)
+
+
+def sensitivity_curve(sens, path: Path) -> Path:
+    """int8 against fp32 blob by blob (sensitivity.GrowthRow): 1 − cosine and peak_rel against layer
+    index (log scale), int8 layers' outputs marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs = [g.index for g in sens.growth]
+    for label, ys in (
+        ("1 − cosine", [max(1.0 - g.cosine, 1e-12) for g in sens.growth]),
+        ("peak_rel", [max(g.peak_rel, 1e-12) for g in sens.growth]),
+    ):
+        _marked_line(ax, xs, ys, label, [g.int8 for g in sens.growth], marker="s", size=18)
+    ax.set_xlabel("layer index (graph order); squares: int8 layers")
+    ax.set_ylabel("int8 vs fp32")
+    ax.set_title(f"{sens.model}: int8 error growth on {Path(sens.growth_input).name}")
+    return _save_log(fig, ax, plt, path)
+
+
+def _save_log(fig, ax, plt, path: Path) -> Path:
+    """A log-scale y axis and a legend, then saved."""
+    ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, plt, path)

@@ -59,12 +59,16 @@ def console_summary(report: RunReport, console: Console) -> None:
         console.print(f"  {report.reference} top-1: {top1}", highlight=False)
     for backend, t in report.task.items():
         text = ", ".join(f"{k} {v:.2f}" for k, v in t.metrics().items())
+        ties = sum(1 for item in t.per_input if item.get("near_tie"))
+        if ties:
+            text += f" ({ties} near-tie{'s' if ties > 1 else ''} in the reference not judged)"
         console.print(f"  {backend}: {text} [{'green]pass' if t.passed else 'red]FAIL'}[/]")
         for item in t.per_input:
             for line in item.get("failures", [])[:3]:
                 console.print(f"    [red]{item['input']}[/]: {line}", highlight=False)
             if item.get("top1_match") is False:
-                console.print(f"    [red]{_class_swap(item, backend)}[/]", highlight=False)
+                tie = " [yellow](near-tie: not judged)[/]" if item.get("near_tie") else ""
+                console.print(f"    [red]{_class_swap(item, backend)}[/]{tie}", highlight=False)
     for name, info in report.backends.items():
         if not info.available:
             console.print(f"  [yellow]skipped {name}[/]: {info.reason}")
@@ -221,9 +225,12 @@ def write_junit(report: RunReport, path: Path | str) -> Path:
     return write_text(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
 
 
-def write_markdown(report: RunReport, path: Path | str, pictures: list[Path] | None = None) -> Path:
+def write_markdown(
+    report: RunReport, path: Path | str, pictures: list[Path] | None = None, section: str | None = None
+) -> Path:
     """A summary fit for a CI job page: verdict, worst error per backend and output, task agreement,
-    the first failing layer, stage timings, and links to the PNG pictures."""
+    the first failing layer, stage timings, and links to the PNG pictures; then `section` (Markdown
+    a command adds, e.g. quantize --explain's `## int8 sensitivity`)."""
     path = Path(path)
     lines = [f"# {report.model}: {'passed' if report.passed else 'FAILED'}", ""]
     lines += [f"Reference: `{report.reference}`. Check: |got − ref| ≤ atol + rtol·|ref| elementwise.", ""]
@@ -258,16 +265,19 @@ def write_markdown(report: RunReport, path: Path | str, pictures: list[Path] | N
     lines += ["", f"Stages: {stages}"]
     for pic in pictures or []:
         lines += ["", f"![{pic.stem}]({pic.name})"]
+    if section:
+        lines += ["", section.rstrip("\n")]
     return write_text(path, "\n".join(lines) + "\n")
 
 
 def write_outputs(
     report: RunReport, folder: Path | None, json_path: Path | None = None, junit: Path | None = None,
-    markdown: Path | None = None, stem: str = "report",
+    markdown: Path | None = None, stem: str = "report", section=None,
 ) -> list[Path]:  # fmt: skip
     """STEM.json, junit.xml, STEM.md and its PNGs into the run folder (`parity` uses the stem
     "parity", so it never overwrites the run's own report), and wherever else asked; returns the
-    paths written. A path that cannot be written is the user's error."""
+    paths written. A path that cannot be written is the user's error. `section(folder)`, when given,
+    writes its own pictures into a Markdown file's folder and returns (Markdown text, their paths)."""
     from . import plots
 
     prefix = "" if stem == "report" else f"{stem}-"
@@ -291,7 +301,8 @@ def write_outputs(
                     )
                     if p
                 ]
-                written += [*pictures, write_markdown(report, md, pictures)]
+                text, more = section(md.parent) if section else (None, [])
+                written += [*pictures, *more, write_markdown(report, md, pictures, text)]
     except OSError as exc:
         raise SpecError(f"cannot write {exc.filename or 'a report file'}: {exc.strerror}") from None
     return list(dict.fromkeys(written))
