@@ -138,18 +138,26 @@ def classify_agreement(
 ) -> TaskAgreement:
     """Top-1 and top-k (the spec's task_args.top_k, default 5) agreement over every input; passes
     when every top-1 class matches. Each input carries its label and, when the spec names the
-    classes, the names of both top-1 classes."""
+    classes, the names of both top-1 classes.
+
+    An input whose reference margin (top-1 minus top-2 logit) is below the spec's
+    task_args.near_tie_margin (default 0: none) is a near-tie: its top-1 is reported but not judged,
+    and top1_agreement is over the other inputs (1.0 when none is left; `near_ties` says how many)."""
     k = int(spec.task_args.get("top_k", 5))
     name = spec.output_names[0]
     classes = spec.task_args.get("names") or []
+    near = float(spec.task_args.get("near_tie_margin", 0.0))
     per_input = []
     for item, r, g in zip(items, ref_outs, outs, strict=True):
         row = {"input": item.label, **topk_agreement(r[name], g[name], k)}
         if classes:
             row["top1_ref_name"] = classes[row["top1_ref"]] if row["top1_ref"] < len(classes) else None
             row["top1_name"] = classes[row["top1"]] if row["top1"] < len(classes) else None
+        if row["top1_margin_ref"] is not None and row["top1_margin_ref"] < near:
+            row["near_tie"] = True
         per_input.append(row)
-    top1 = sum(p["top1_match"] for p in per_input) / len(per_input)
+    judged = [p for p in per_input if not p.get("near_tie")]
+    top1 = sum(p["top1_match"] for p in judged) / len(judged) if judged else 1.0
     top_k = sum(p[f"top{k}_overlap"] for p in per_input) / len(per_input)
     return TaskAgreement("classify", top1 == 1.0, per_input, top1_agreement=top1, topk_agreement=top_k, k=k)
 

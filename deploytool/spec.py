@@ -109,7 +109,7 @@ _TABLE_KEYS = {
     "pnnx": ("moduleop",),
 }
 _TOLERANCE_KEYS = ("atol", "rtol", "peak_rtol", "outputs")
-_CLASSIFY_ARGS = ("top_k", "names")
+_CLASSIFY_ARGS = ("top_k", "names", "near_tie_margin")
 
 
 def model_dirs() -> list[Path]:
@@ -348,6 +348,9 @@ def _task_args(data: dict[str, Any], task: str, factory_args: dict[str, Any], so
         if isinstance(classes, int) and not isinstance(classes, bool) and top_k > classes:
             raise SpecError(f"{where}.top_k = {top_k} is more than the model's {classes} classes")
         _strings(args.get("names", []), f"{where}.names")
+        margin = args.get("near_tie_margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < math.inf:
+            raise SpecError(f"{where}.near_tie_margin must be a number >= 0 (logits), got {margin!r}")
     elif args:
         raise SpecError(
             f"{where}: task {task!r} takes no task_args (got {', '.join(sorted(args))}); "

@@ -86,6 +86,7 @@ def files(tmp_path_factory):
         "atol_nan": ("[tolerance.default]\natol = 1e-4", "[tolerance.default]\natol = nan"),
         "atol_negative": ("[tolerance.default]\natol = 1e-4", "[tolerance.default]\natol = -1e-4"),
         "top_k_text": ("top_k = 5", 'top_k = "five"'),
+        "near_tie_negative": ("near_tie_margin = 0.05", "near_tie_margin = -1"),
         "name_escapes": ('name = "resnet18"', 'name = "../../x"'),
         "unknown_key": ('name = "resnet18"', 'name = "resnet18"\ncolour = "red"'),
     }
@@ -111,6 +112,7 @@ CASES = [
     ("run-spec-atol-nan", ["run", "{t}/atol_nan.toml", "--out", "{o}"], 2, "atol"),
     ("run-spec-atol-negative", ["run", "{t}/atol_negative.toml", "--out", "{o}"], 2, "atol"),
     ("run-spec-top-k-text", ["run", "{t}/top_k_text.toml", "--out", "{o}"], 2, "top_k"),
+    ("run-spec-near-tie", ["run", "{t}/near_tie_negative.toml", "--out", "{o}"], 2, "near_tie"),
     ("run-spec-name-escapes", ["run", "{t}/name_escapes.toml"], 2, "../../x"),
     ("run-spec-unknown-key", ["run", "{t}/unknown_key.toml", "--out", "{o}"], 2, "colour"),
     ("run-spec-unknown-task-arg", ["run", "{t}/classify_unknown_arg.toml", "--out", "{o}"], 2, "extra"),

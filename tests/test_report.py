@@ -124,3 +124,21 @@ def test_classify_agreement_names_the_classes_and_the_console_shows_a_swap():
     text = console.export_text()
     assert "cat.jpg: reference 'tabby' (margin 0.5), ncnn-cpu 'tiger cat'" in text
     assert "torch top-1: cat.jpg 'tabby'" in text
+
+
+def test_a_near_tie_in_the_reference_is_reported_but_not_judged():
+    spec = load_spec("resnet18")  # near_tie_margin 0.05: seeded weights give near-flat logits
+    items = [InputItem(f"{n}.jpg", {"input": np.zeros((1, 3, 2, 2), np.float32)}) for n in ("a", "b")]
+    ref = [{"logits": np.array([[1.0, 0.98, 0.0]])}, {"logits": np.array([[1.0, 0.5, 0.0]])}]
+    tie_swapped = [{"logits": np.array([[0.98, 1.0, 0.0]])}, ref[1]]
+    task = classify_agreement(spec, items, ref, tie_swapped)
+    assert task.passed and task.top1_agreement == 1.0 and task.per_input[0]["near_tie"]
+    clear_swapped = [ref[0], {"logits": np.array([[0.5, 1.0, 0.0]])}]  # margin 0.5: judged, fails
+    task = classify_agreement(spec, items, ref, clear_swapped)
+    assert not task.passed and task.top1_agreement == 0.0
+    report = _report()
+    report.task = {"ncnn-cpu": classify_agreement(spec, items, ref, tie_swapped)}
+    console = Console(record=True, width=160)
+    console_summary(report, console)
+    text = console.export_text()
+    assert "(1 near-tie in the reference not judged)" in text and "(near-tie: not judged)" in text
