@@ -103,7 +103,7 @@ RUN_MARKER = ".deploytool-run"
 RUN_FILES = (
     "model.pt", "model.onnx", "model.ncnn.param", "model.ncnn.bin", "meta.json", "report.json",
     "junit.xml", "report.md", "errors.png", "layers.png", "bench.json", "model.table", "model.int8.param",
-    "model.int8.bin", "model.int8.onnx",
+    "model.int8.bin", "model.int8.onnx", "sensitivity.json", "sensitivity.png",
 )  # fmt: skip
 
 

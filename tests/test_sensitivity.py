@@ -190,3 +190,12 @@ def test_resnet18_explain_and_auto_mixed(tmp_path):
     )
     print("auto-mixed kept", kept, "metrics", sens["auto_mixed"]["metrics"])
     assert np.isfinite([r["cosine"] for r in sens["ranking"]]).all()
+
+
+def test_a_later_run_into_the_folder_removes_the_sensitivity_files(tiny_spec, tmp_path):
+    assert quantize(str(tiny_spec), "--explain", "--out", str(tmp_path)).exit_code == 0
+    assert (tmp_path / "sensitivity.json").is_file() and (tmp_path / "sensitivity.png").is_file()
+    result = quantize(str(tiny_spec), "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "sensitivity.json").exists() and not (tmp_path / "sensitivity.png").exists()
+    assert "int8_sensitivity" not in json.loads((tmp_path / "report.json").read_text())["artifacts"]
