@@ -1,4 +1,5 @@
-"""Regenerate docs/performance.md: bench resnet18 (and yolov8n when its spec exists) at 1 and 2 threads."""
+"""Regenerate docs/performance.md: bench resnet18, efficientnet_lite0 and yolov8n (those whose spec exists)
+at 1 and 2 threads, with the int8 rows (ncnn's and ONNX Runtime's) compared in a section of their own."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from deploytool.spec import load_spec  # noqa: E402
 ANCHORS = {"onnxruntime": 18.4, "torchscript": 24.6, "ncnn-cpu/fp32": 13.1}
 AIM_RATIO = 0.5
 DETECT_BUDGET = "detection_agreement=1"  # top-1 means nothing for a detector: every photo's detections match
+MODELS = ("resnet18", "efficientnet_lite0", "yolov8n")
+PHOTOS = (REPO / "images", REPO / "images" / "eval")  # the demo photos and the eval photos (not images/calib)
 
 
 def _r(result: dict, name: str, threads: int) -> dict | None:
@@ -112,7 +115,7 @@ def comparison_section(result: dict) -> str:
         f"onnxruntime at 2 threads: the aim is **{'met' if met else 'not met'}**.\n"
     )
     lines.append("Every ncnn variant at 2 threads (effective GFLOP/s = 2 x MACs / median):\n")
-    for r in (r for r in result["results"] if r["variant"] and r["threads"] == t):
+    for r in (r for r in ncnn_variants(result) if r["threads"] == t):
         p = r["parity"]
         same = p.get("max_abs_vs_fp32")
         note = " (output identical to fp32: the mode does nothing here)" if same == 0.0 else ""
@@ -123,6 +126,50 @@ def comparison_section(result: dict) -> str:
         )
     lines.append("")
     lines += explanation(result, ort, fp32, pick, met)
+    return "\n".join(lines) + "\n"
+
+
+def ncnn_variants(result: dict) -> list[dict]:
+    """The rows of ncnn's variants (not the peers such as onnxruntime/int8)."""
+    return [r for r in result["results"] if r["variant"] and r["name"] not in result.get("peers", {})]
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def int8_rows(result: dict) -> list[dict]:
+    """The rows the judge judged at int8 (ncnn's int8 model, ONNX Runtime's), by thread count."""
+    rows = [r for r in result["results"] if (r["parity"].get("tolerance") or {}).get("precision") == "int8"]
+    return sorted(rows, key=lambda r: (r["threads"], r["name"]))
+
+
+def int8_section(results: dict[str, dict]) -> str:
+    """ncnn int8 against ONNX Runtime fp32 and ONNX Runtime int8 at the same thread count, and how close
+    each int8 model stays to torch, for every benched model."""
+    lines = [
+        "## int8: ncnn against ONNX Runtime\n",
+        "Both int8 models are calibrated on `images/calib` with the spec's own preprocessing: ncnn's by "
+        "`deploytool/quantize.py` (kl), ONNX Runtime's by its `quantize_static` (`deploytool/ort_quant.py`: "
+        "QDQ, per-channel QInt8 weights, QUInt8 activations, MinMax). `x ORT` / `x ORT int8` = median / "
+        "ONNX Runtime fp32's / int8's median at the same threads. Agreement and cosine are against torch "
+        "eager on the photos of `images/` and `images/eval` (cosine: the worst output and photo); "
+        "`passed` is the judge's int8 verdict (peak_rel <= the spec's int8 peak_rtol, and every top-1 / "
+        "detection matching).\n",
+        "| model | row | threads | median ms | x ORT | x ORT int8 | top1/det agreement | cosine | peak_rel "
+        "| passed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, result in results.items():
+        for r in int8_rows(result):
+            p = r["parity"]
+            agree = p.get("top1_agreement")
+            agree = f"{agree:.2f}" if agree is not None else f"det {p.get('detection_agreement', 0):.2f}"
+            lines.append(
+                f"| {name} | {r['name']} | {r['threads']} | {r['latency_ms']['median']:.2f} "
+                f"| {_x(r['ratio_to_onnxruntime'])} | {_x(r['ratio_to_onnxruntime_int8'])} | {agree} "
+                f"| {p['cosine']:.4f} | {p['peak_rel']:.2g} | {'yes' if p['passed'] else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +194,7 @@ def explanation(result: dict, ort: dict, fp32: dict, pick: dict, met: bool) -> l
     anchor = ANCHORS["ncnn-cpu/fp32"] / ANCHORS["onnxruntime"]
     verdict = "matches" if abs(fr - anchor) < 0.1 else ("beats" if fr < anchor else "falls short of")
     out.append(f"- ncnn fp32 is {fr:.2f}x ORT here: it {verdict} the anchor's {anchor:.2f}x.")
-    by = {r["variant"]: r for r in result["results"] if r["variant"] and r["threads"] == fp32["threads"]}
+    by = {r["variant"]: r for r in ncnn_variants(result) if r["threads"] == fp32["threads"]}
     base = fp32["latency_ms"]["median"]
     if "fp16-weights" in by:
         r = by["fp16-weights"]
@@ -179,8 +226,8 @@ def explanation(result: dict, ort: dict, fp32: dict, pick: dict, met: bool) -> l
         )
     if not met:
         out.append(
-            "- What could reach 0.5x: int8 (ncnn's int8 path with a calibration table; not part of this "
-            "issue), or a board where ncnn's ARM kernels (fp16 arithmetic) face a weaker ORT build."
+            "- What could reach 0.5x: int8 (ncnn's int8 against ONNX Runtime's own int8: the int8 "
+            "section), or a board where ncnn's ARM kernels (fp16 arithmetic) face a weaker ORT build."
         )
     out.append(
         "- The machine is shared: the 1-minute load average is in the Machine section and every attempt's "
@@ -198,6 +245,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
     parser.add_argument("--retries", type=int, default=3, help="re-measure rows with a wide spread")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated specs to bench")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
@@ -205,14 +253,15 @@ def main() -> int:
     started = time.time()
     sections: list[str] = []
     first = None
-    models = ["resnet18"] + (["yolov8n"] if (REPO / "models" / "yolov8n.toml").is_file() else [])
+    models = [m for m in args.models.split(",") if (REPO / "models" / f"{m}.toml").is_file()]
+    benched: dict[str, dict] = {}
     for name in models:
         opts = BenchOptions(
             out=args.out / name,
             runs=args.runs,
             warmup=args.warmup,
             threads=threads,
-            images=(REPO / "images",),
+            images=PHOTOS,
             budget=DETECT_BUDGET if load_spec(name).task == "detect" else DEFAULT_BUDGET,
             retries=args.retries,
         )
@@ -223,12 +272,14 @@ def main() -> int:
             continue
         result = report.to_dict()
         first = first or result
+        benched[name] = result
         sections.append(f"## {name}\n\n" + bench_markdown(report))
         if name == "resnet18":
             sections.append(comparison_section(result))
     if first is None:
         print("no model could be benched", file=sys.stderr)
         return 1
+    sections.append(int8_section(benched))
     load_after = os.getloadavg()[0]
     doc = (
         "# Performance\n\n"
