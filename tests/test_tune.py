@@ -185,10 +185,57 @@ def test_choose_keeps_the_defaults_for_a_gain_within_noise():
     assert choose(trials, min_gain=0.0)[0].candidate == NO_WINO
 
 
+def test_choose_does_not_trust_a_wide_spread():
+    trials = _trials("rel=1e-2", (DEFAULTS, 13.0, 1e-6), (NO_WINO, 10.0, 1e-6))
+    trials[0].row.latency_ms["spread_note"] = "wide spread: ..."
+    chosen, reason = choose(trials)
+    assert chosen.candidate == DEFAULTS and "cannot be told apart" in reason and "defaults" in reason
+
+
+@pytest.mark.parametrize("defaults_again, kept", [(10.0, "no-winograd"), (8.0, "defaults")])
+def test_tune_base_times_the_defaults_and_the_pick_again(tmp_path, defaults_again, kept):
+    """A worker slowed down as a whole (the defaults' first median 40 ms) does not decide: both are timed
+    again and each keeps its faster attempt; what wins is written to meta.json and nothing else."""
+    from deploytool.backends.registry import Artifacts
+    from deploytool.bench.tune import tune_base
+    from deploytool.bench.variants import get_variant
+
+    param = tmp_path / "model.ncnn.param"
+    param.write_text(
+        "7767517\n2 2\nInput in0 0 1 in0\nConvolution c 1 1 in0 out0 0=8 1=3 11=3 3=1 13=1 4=1 5=1 6=216\n"
+    )
+    (tmp_path / "meta.json").write_text(json.dumps({"schema": 1, "param": "model.ncnn.param"}))
+    art = Artifacts(ncnn_param=param, ncnn_bin=tmp_path / "model.ncnn.bin", meta={"schema": 1})
+    medians = {
+        "fp32+defaults": [40.0, defaults_again],
+        "fp32+no-winograd": [9.0, 9.5],
+        "fp32+bf16-storage": [5.0],
+    }
+    calls = []
+
+    def measure(variant, tuned):
+        calls.append((variant.name, tuned.meta["ncnn_options"]))
+        name = variant.name.removesuffix("-2")
+        return _row(name.split("+")[1], medians[name].pop(0), 6e-3 if "bf16" in name else 1e-6)
+
+    budget = parse_budget("top1=1,rel=1e-4")
+    result = tune_base(get_variant("fp32"), art, budget, 2, measure, (DEFAULTS, NO_WINO, FAST_BUT_WRONG))
+    assert calls == [
+        ("fp32+defaults", {}), ("fp32+no-winograd", NO_WINO.options), ("fp32+bf16-storage", BF16),
+        ("fp32+defaults-2", {}), ("fp32+no-winograd-2", NO_WINO.options),
+    ]  # fmt: skip
+    assert result.defaults.row.median == defaults_again and result.defaults.row.variant == "fp32+defaults"
+    assert result.chosen.candidate.name == kept
+    written = json.loads((tmp_path / "meta.json").read_text())
+    assert written["ncnn_options"] == result.chosen.candidate.options
+    assert written["param"] == "model.ncnn.param" and written["bin"] == "model.ncnn.bin"
+
+
 def test_choose_none_fits():
     trials = _trials("rel=1e-9", (DEFAULTS, 13.0, 1e-6), (NO_WINO, 12.0, 2e-6))
     chosen, reason = choose(trials)
-    assert chosen is None and reason.startswith("no option set fits the budget: defaults: peak_rel")
+    assert chosen is None and reason.startswith("no option set fits the budget (ncnn's defaults: peak_rel")
+    assert "the fastest set, no-winograd, 12.00 ms against 13.00 ms" in reason
 
 
 def test_tune_table_marks_the_pick_and_the_gain():
