@@ -253,6 +253,8 @@ def test_tune_table_marks_the_pick_and_the_gain():
     doc = result.to_dict()
     assert doc["chosen"] == "no-winograd" and doc["ncnn_options"] == {"use_winograd_convolution": False}
     assert [t["fits"] for t in doc["trials"]] == [True, True, False]
+    assert [t["option_set"] for t in doc["trials"]] == ["defaults", "no-winograd", "bf16-storage"]
+    assert doc["trials"][2]["name"] == "ncnn-cpu/fp32+bf16-storage" and doc["gain"] == 0.2
 
 
 def test_candidates_depend_on_the_graph():

@@ -144,11 +144,11 @@ class TuneResult:
             "meta": None if self.meta is None else str(self.meta),
             "trials": [
                 {
-                    "name": t.candidate.name,
+                    **t.row.to_dict(),  # name: ncnn-cpu/BASE+SET
+                    "option_set": t.candidate.name,
                     "ncnn_options": t.candidate.options,
                     "fits": t.fits,
                     "failures": t.failures,
-                    **t.row.to_dict(),
                 }
                 for t in self.trials
             ],
