@@ -404,13 +404,16 @@ def test_bench_resnet18_end_to_end(tmp_path):
     if not vulkan and os.environ.get("DEPLOYTOOL_REQUIRE_VULKAN") == "1":
         pytest.fail("DEPLOYTOOL_REQUIRE_VULKAN=1 but ncnn sees no Vulkan device")
     names = {r["name"] for r in result["results"]}
-    expected = {"torch", "torchscript", "onnxruntime"} | {f"ncnn-cpu/{v}" for v in VARIANT_NAMES[:4]}
+    expected = {"torch", "torchscript", "onnxruntime", "onnxruntime/int8"}
+    expected |= {f"ncnn-cpu/{v}" for v in VARIANT_NAMES[:5]}
     assert expected <= names
     assert ("ncnn-vulkan/vulkan" in names) == vulkan
     if not vulkan:
         assert result["backends"]["ncnn-vulkan"]["available"] is False
 
     ort = next(r for r in result["results"] if r["name"] == "onnxruntime")
+    ort8 = next(r for r in result["results"] if r["name"] == "onnxruntime/int8")
+    assert ort8["parity"]["tolerance"]["precision"] == "int8" and set(result["peers"]) == {"onnxruntime/int8"}
     for r in result["results"]:
         lat = r["latency_ms"]
         assert lat["n"] == 3 and 0 < lat["min"] <= lat["median"] <= lat["p90"]
@@ -423,7 +426,10 @@ def test_bench_resnet18_end_to_end(tmp_path):
         assert 0 <= p["top1_agreement"] <= 1 and 0 <= p["top5_agreement"] <= 1
         assert p["tolerance"]["atol"] > 0 or p["tolerance"]["peak_rtol"] > 0
         if r["variant"]:
-            assert r["variant"] in result["variants"]
+            assert r["name"] in result["peers"] or r["variant"] in result["variants"]
+        assert r["ratio_to_onnxruntime_int8"] == pytest.approx(
+            lat["median"] / ort8["latency_ms"]["median"], rel=1e-3
+        )
         if r["variant"] not in (None, "fp32"):
             assert p["max_abs_vs_fp32"] >= 0
     fp32 = next(r for r in result["results"] if r["variant"] == "fp32")
@@ -437,10 +443,18 @@ def test_bench_resnet18_end_to_end(tmp_path):
     assert info["macs"] == pytest.approx(1.814e9, rel=0.01)  # torchvision's ResNet18: 1.81 GMACs
     arts = result["artifacts"]
     assert arts["ncnn_bin_fp16_weights"]["bytes"] < 0.6 * arts["ncnn_bin"]["bytes"]
+    assert arts["onnx_int8"]["bytes"] < 0.35 * arts["onnx"]["bytes"]  # int8 weights
     assert result["preprocess"]["preprocess_ms"]["median"] > 0
     assert set(result["selection"]["by_threads"]) == {"1"}
     assert report.budget_fits is result["selection"]["by_threads"]["1"]["fits"]
-    assert {"bench:torch@1", "bench:ncnn-cpu/fp32@1", "convert", "convert:fp16-weights"} <= set(report.stages)
+    stages = {
+        "bench:torch@1",
+        "bench:ncnn-cpu/fp32@1",
+        "convert",
+        "convert:fp16-weights",
+        "quantize:onnxruntime/int8",
+    }
+    assert stages <= set(report.stages)
 
     console = Console(record=True, width=200)
     render_bench(report, console)
