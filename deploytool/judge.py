@@ -302,10 +302,20 @@ class Budget:
             elif isinstance(value, str) or not math.isfinite(value):
                 out.append(f"{key} {value}")
             elif key in AT_LEAST and value < limit:
-                out.append(f"{key} {value:.3g} < {limit:g}")
+                out.append(f"{key} {_beside(value, limit)} < {limit:g}")
             elif key in AT_MOST and value > limit:
-                out.append(f"{key} {value:.3g} > {limit:g}")
+                out.append(f"{key} {_beside(value, limit)} > {limit:g}")
         return out
+
+
+def _beside(value: float, limit: float) -> str:
+    """`value` to 3 significant digits, or as many more as it takes not to read as `limit` (a cosine of
+    0.99899 against 0.999)."""
+    for digits in range(3, 10):
+        text = f"{value:.{digits}g}"
+        if text != f"{limit:g}":
+            return text
+    return repr(value)
 
 
 def parse_budget(text: str | None, flag: str = "--budget") -> Budget:

@@ -395,20 +395,21 @@ def _cos(metrics: dict) -> str:
     return _fmt(metrics.get("cosine"), ".6f")
 
 
-def _why(k: LayerSensitivity) -> str:
-    top1 = k.metrics.get("top1_agreement")
-    extra = f", top1 {top1:.2f}" if isinstance(top1, float) else ""
-    peak = _fmt(k.metrics.get("peak_rel"))
-    return f"{k.layer} ({k.type}: alone int8 cosine {_cos(k.metrics)}, peak_rel {peak}{extra})"
-
-
 def auto_mixed_line(auto: AutoMixed) -> str:
+    """What --auto-mixed kept and why: the layers (ranking order), their sensitivity, the mixed model's
+    numbers against the reference, and what the model with one layer fewer kept fp32 missed."""
     if not auto.kept:
         return f"auto-mixed ({auto.budget}): the all-int8 model meets the budget; no layer kept fp32"
-    kept = "; ".join(_why(k) for k in auto.kept)
+    n = len(auto.kept)
+    cosines = [_cos(k.metrics) for k in auto.kept]
+    missed = next((t["failures"] for t in auto.tried if t["kept_fp32"] == n - 1), [])
+    top1 = auto.metrics.get("top1_agreement")
     return (
-        f"auto-mixed ({auto.budget}): kept {len(auto.kept)} layer(s) fp32, most sensitive first: {kept}. "
-        f"Against {REFERENCE}: cosine {_cos(auto.metrics)}, peak_rel {_fmt(auto.metrics.get('peak_rel'))}"
+        f"auto-mixed ({auto.budget}): kept {n} layer(s) fp32, the ranking's first {n} (alone int8 cosine "
+        f"{cosines[0]}{f' to {cosines[-1]}' if n > 1 else ''}): {', '.join(k.layer for k in auto.kept)}; "
+        f"the mixed model against {REFERENCE}: cosine {_cos(auto.metrics)}, peak_rel "
+        f"{_fmt(auto.metrics.get('peak_rel'))}{f', top1 {top1:.2f}' if isinstance(top1, float) else ''}"
+        f"{f'; with {n - 1}: ' + ', '.join(missed) if missed else ''}"
     )
 
 
@@ -422,12 +423,17 @@ def render_sensitivity(sens: Sensitivity, console, top: int = TOP_N) -> None:
     task = [
         k for k in ("top1_agreement", "detection_agreement") if sens.ranking and k in sens.ranking[0].metrics
     ]
+    kept = {k.layer for k in sens.auto.kept} if sens.auto else set()
+    top = max(top, len(kept))
     for col in ("rank", "layer", "type", "cosine", "peak_rel", *[t.split("_")[0] for t in task]):
         table.add_column(col, justify="right" if col not in ("layer", "type") else "left")
+    if sens.auto is not None:
+        table.add_column("auto-mixed")
     for i, r in enumerate(sens.ranking[:top], start=1):
         table.add_row(
             str(i), r.layer, r.type, _cos(r.metrics), _fmt(r.metrics.get("peak_rel")),
             *[_fmt(r.metrics.get(t), ".2f") for t in task],
+            *([("kept fp32" if r.layer in kept else "int8")] if sens.auto is not None else []),
         )  # fmt: skip
     console.print(table)
     if len(sens.ranking) > top:
@@ -461,11 +467,12 @@ def markdown_section(sens: Sensitivity, folder: Path) -> tuple[str, list[Path]]:
         "| rank | layer | type | cosine | peak_rel | max_abs | top1 |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
+    kept = {k.layer for k in sens.auto.kept} if sens.auto else set()
     for i, r in enumerate(sens.ranking, start=1):
         m = r.metrics
         lines.append(
-            f"| {i} | `{r.layer}` | {r.type} | {_cos(m)} | {_fmt(m.get('peak_rel'))} | "
-            f"{_fmt(m.get('max_abs'))} | {_fmt(m.get('top1_agreement'), '.2f')} |"
+            f"| {i} | `{r.layer}`{' (kept fp32)' if r.layer in kept else ''} | {r.type} | {_cos(m)} | "
+            f"{_fmt(m.get('peak_rel'))} | {_fmt(m.get('max_abs'))} | {_fmt(m.get('top1_agreement'), '.2f')} |"
         )
     if sens.auto is not None:
         lines += ["", f"**{auto_mixed_line(sens.auto)}**"]

@@ -15,6 +15,7 @@ from test_quantize import Tiny
 from typer.testing import CliRunner
 
 from deploytool.cli import app
+from deploytool.judge import parse_budget
 from deploytool.ncnn_param import read_param
 from deploytool.quantize import read_table, write_table
 from deploytool.sensitivity import SCRATCH, LayerSensitivity, rank
@@ -157,6 +158,16 @@ def test_auto_mixed_with_a_malformed_budget_exits_2_before_any_work(tmp_path, bu
     assert result.exit_code == 2, result.output
     assert "--auto-mixed" in one_error_line(result.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_budget_failures_show_a_cosine_with_the_digits_that_separate_it_from_the_limit():
+    budget = parse_budget("cosine=0.999,top1=1", flag="--auto-mixed")
+    assert budget.failures({"cosine": 0.998992, "top1_agreement": 0.75}) == [
+        "top1_agreement 0.75 < 1",
+        "cosine 0.99899 < 0.999",
+    ]
+    assert budget.failures({"cosine": 0.9999999999999989, "top1_agreement": 1.0}) == []
+    assert parse_budget("cos=1").failures({"cosine": 0.9999999999999989}) == ["cosine 0.9999999999999989 < 1"]
 
 
 def test_rank_puts_the_worst_cosine_first_and_nan_before_everything():
