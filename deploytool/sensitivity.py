@@ -162,22 +162,21 @@ class SweepSession:
     def __init__(self, threads: int, input_names: list[str], output_names: list[str]):
         self.args = (False, "int8", threads, input_names, output_names)
 
-    def _session(self, param: str, bin: str) -> NcnnSession:
-        return NcnnSession(param, bin, *self.args, quiet=True)
+    @contextmanager
+    def _loaded(self, param: str, bin: str):
+        session = NcnnSession(param, bin, *self.args, quiet=True)
+        try:
+            yield session
+        finally:
+            session.close()
 
     def infer(self, param: str, bin: str, feeds: list[dict]) -> list[dict]:
-        session = self._session(param, bin)
-        try:
+        with self._loaded(param, bin) as session:
             return [session.infer(feed)[0] for feed in feeds]
-        finally:
-            session.close()
 
     def extract_all(self, param: str, bin: str, feed: dict, blobs: list[str]) -> dict:
-        session = self._session(param, bin)
-        try:
+        with self._loaded(param, bin) as session:
             return session.extract_all(feed, blobs)
-        finally:
-            session.close()
 
     def close(self) -> None:
         """Nothing stays loaded between calls."""

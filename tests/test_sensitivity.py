@@ -152,6 +152,14 @@ def test_auto_mixed_with_an_impossible_budget_exits_1(tiny_spec, tmp_path):
     assert not (tmp_path / SCRATCH).exists()
 
 
+def test_explain_with_every_layer_kept_fp32_exits_2(tiny_spec, tiny_explained, tmp_path):
+    _, _, sens, _ = tiny_explained
+    every = ",".join(r["layer"] for r in sens["ranking"])
+    result = quantize(str(tiny_spec), "--explain", "--keep-fp32", every, "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "no layer of the model is int8" in one_error_line(result.output)
+
+
 @pytest.mark.parametrize("budget", ["cosine", "cosine=2", "top1=x", "speed=1", ""])
 def test_auto_mixed_with_a_malformed_budget_exits_2_before_any_work(tmp_path, budget):
     result = quantize("resnet18", "--auto-mixed", budget, "--out", str(tmp_path / "o"))
