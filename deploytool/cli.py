@@ -318,7 +318,10 @@ def parity(
     ] = False,
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
-    ncnn_precision: PrecisionOpt = "fp32",
+    ncnn_precision: Annotated[
+        str | None,
+        typer.Option("--ncnn-precision", help="fp32, fp16 or bf16; an int8 model runs as int8 (default)"),
+    ] = None,
     threads: ThreadsOpt = 2,
     save_vis: VisOpt = None,
     report: ReportOpt = None,

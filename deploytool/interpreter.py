@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BackendError, SpecError
-from .ncnn_param import Layer, NcnnGraph, read_param
+from .ncnn_param import TAG_INT8, Layer, NcnnGraph, read_param
 
 FLT_MAX = float(np.finfo(np.float32).max)
 TAG_FP16 = 0x01306B47
@@ -37,7 +37,7 @@ class WeightRecord:
     name: str
     offset: int  # first byte of the data, after any 4-byte flag
     count: int
-    dtype: str  # "float32" or "float16"
+    dtype: str  # "float32", "float16" or "int8" (an int8 layer's weights)
 
 
 def _weight_specs(layer: Layer) -> list[tuple[str, int, bool]]:
@@ -49,26 +49,18 @@ def _weight_specs(layer: Layer) -> list[tuple[str, int, bool]]:
     p = layer.params
     t = layer.type
     if t in ("Convolution", "ConvolutionDepthWise"):
-        if p.get(8, 0):
-            raise UnsupportedLayerError(
-                f"layer {layer.name} ({t}) is int8-quantised (8=int8_scale_term); the interpreter reads "
-                "float models only"
-            )
         if p.get(19, 0):
             return []  # dynamic weight: weights arrive as a second input blob
         specs = [("weight", int(p.get(6, 0)), True)]
         if p.get(5, 0):
             specs.append(("bias", int(p.get(0, 0)), False))
-        return specs
+        scales = int(p.get(7, 1)) if t == "ConvolutionDepthWise" else int(p.get(0, 0))
+        return specs + _int8_scale_specs(layer, scales)
     if t == "InnerProduct":
-        if p.get(8, 0):
-            raise UnsupportedLayerError(
-                f"layer {layer.name} (InnerProduct) is int8-quantised; the interpreter reads float models"
-            )
         specs = [("weight", int(p.get(2, 0)), True)]
         if p.get(1, 0):
             specs.append(("bias", int(p.get(0, 0)), False))
-        return specs
+        return specs + _int8_scale_specs(layer, int(p.get(0, 0)))
     if t == "BatchNorm":
         n = int(p.get(0, 0))
         return [(name, n, False) for name in ("slope", "mean", "var", "bias")]
@@ -104,6 +96,21 @@ def _weight_specs(layer: Layer) -> list[tuple[str, int, bool]]:
             raise UnsupportedLayerError(f"layer {layer.name} (Gemm) is int8-quantised")
         return specs
     return []
+
+
+def _int8_scale_specs(layer: Layer, per_channel: int) -> list[tuple[str, int, bool]]:
+    """The raw float32 scales after an int8 layer's weights and bias (8=int8_scale_term): one weight
+    scale per output channel (per group for depthwise; one for 8=2 depthwise), the bottom blob's
+    scale, and the top blob's when requantising (8 > 100)."""
+    term = int(layer.get(8, 0))
+    if not term:
+        return []
+    if term not in (1, 2, 101, 102):
+        raise UnsupportedLayerError(f"layer {layer.name} ({layer.type}): unknown int8_scale_term {term}")
+    if layer.type == "ConvolutionDepthWise" and term % 100 == 2:
+        per_channel = 1
+    specs = [("weight_scales", per_channel, False), ("bottom_scale", 1, False)]
+    return specs + ([("top_scale", 1, False)] if term > 100 else [])
 
 
 def _memorydata_shape(layer: Layer) -> tuple[int, ...]:
@@ -152,12 +159,14 @@ def read_model_bin(
                 pos += 4
                 if tag == TAG_FP16:
                     dtype = "float16"
+                elif tag == TAG_INT8 and layer.get(8, 0):
+                    dtype = "int8"
                 elif tag != 0:
                     raise UnsupportedLayerError(
                         f"{bin_path}: {what} is stored with tag 0x{tag:08X}; the interpreter reads float32 "
-                        "(tag 0) and float16 (tag 0x01306B47) weights only"
+                        "(tag 0), float16 (tag 0x01306B47) and the int8 weights of int8 layers"
                     )
-            itemsize = 2 if dtype == "float16" else 4
+            itemsize = np.dtype(dtype).itemsize
             nbytes = count * itemsize
             need(nbytes, what)
             arr = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=pos)
@@ -246,11 +255,50 @@ def _conv(layer: Layer, inputs, w, depthwise: bool):
             pl, pr, pt, pb = wpad - wpad // 2, wpad // 2, hpad - hpad // 2, hpad // 2
     if min(pl, pr, pt, pb) < 0:
         raise UnsupportedLayerError(f"layer {layer.name} ({layer.type}): padding {pl},{pr},{pt},{pb}")
+    x, per_out = _quantize_input(layer, x, w, out_c)
     xt = F.pad(_t(x)[None], (pl, pr, pt, pb), value=pad_value)
     weight = _t(w["weight"]).reshape(out_c, c // groups, kh, kw)
-    bias = _t(w["bias"]) if "bias" in w else None
-    y = F.conv2d(xt, weight, bias, stride=(sh, sw), dilation=(dh, dw), groups=groups)[0].numpy()
-    return [_activation(y, int(p.get(9, 0)), p.get(10, []), layer)]
+    y = F.conv2d(xt, weight, None, stride=(sh, sw), dilation=(dh, dw), groups=groups)[0].numpy()
+    y = _dequantize(y, per_out, w, (out_c, 1, 1))
+    return [_requantize(_activation(y, int(p.get(9, 0)), p.get(10, []), layer), w)]
+
+
+def _quantize_input(layer: Layer, x: np.ndarray, w, out_c: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """An int8 layer's input as ncnn quantises it (round half away from zero of x * bottom scale,
+    clamped to [-127, 127]) and the factor per output channel that turns the integer sums back into
+    floats (1 / (bottom scale * weight scale); 0 where a scale is 0, as ncnn does); a float layer's
+    input unchanged and None."""
+    if not layer.get(8, 0):
+        return x, None
+    from .quantize import round_half_away
+
+    s_in = np.float32(w["bottom_scale"][0])
+    # x * scale in float32, as ncnn multiplies (a float64 product rounds differently at the .5 edges)
+    xq = np.clip(round_half_away((x.astype(np.float32) * s_in).astype(np.float64)), -127, 127)
+    s_in = float(s_in)
+    s_w = np.broadcast_to(w["weight_scales"], (out_c,))
+    both = s_in * s_w
+    return xq, np.divide(1.0, both, out=np.zeros_like(both), where=both != 0)
+
+
+def _requantize(y: np.ndarray, w) -> np.ndarray:
+    """A requantising int8 layer (8 > 100) hands int8 values at its top scale to the next int8 layer;
+    as a float blob that is the output rounded to that grid. Other layers: unchanged."""
+    if "top_scale" not in w:
+        return y
+    from .quantize import round_half_away
+
+    top = float(np.float32(w["top_scale"][0]))
+    return np.clip(round_half_away(y * top), -127, 127) / top if top else np.zeros_like(y)
+
+
+def _dequantize(y: np.ndarray, per_out: np.ndarray | None, w, shape: tuple[int, ...]) -> np.ndarray:
+    """The integer sums of an int8 layer back to floats, then the bias (a float layer: just the bias)."""
+    if per_out is not None:
+        y = y * per_out.reshape(shape)
+    if "bias" in w:
+        y = y + w["bias"].reshape(shape)
+    return y
 
 
 def _pooling(layer: Layer, inputs, w):
@@ -315,14 +363,13 @@ def _inner_product(layer: Layer, inputs, w):
     p = layer.params
     n_out = int(p[0])
     weight = w["weight"].reshape(n_out, -1)
-    bias = w.get("bias")
+    x, per_out = _quantize_input(layer, x, w, n_out)
     if x.ndim == 2 and x.shape[1] == weight.shape[1]:
         y = x @ weight.T  # one row per input row
     else:
         y = weight @ x.reshape(-1)
-    if bias is not None:
-        y = y + bias
-    return [_activation(y, int(p.get(9, 0)), p.get(10, []), layer)]
+    y = _dequantize(y, per_out, w, (n_out,))
+    return [_requantize(_activation(y, int(p.get(9, 0)), p.get(10, []), layer), w)]
 
 
 def _gemm(layer: Layer, inputs, w):

@@ -42,6 +42,11 @@ class NcnnGraph:
         consumed = {b for layer in self.layers for b in layer.bottoms}
         return [t for layer in self.layers for t in layer.tops if t not in consumed]
 
+    @property
+    def int8_layers(self) -> list[str]:
+        """Layers whose weights and input run in int8 (8=int8_scale_term set), in graph order."""
+        return [layer.name for layer in self.layers if layer.get(8, 0)]
+
     def producer(self, blob: str) -> Layer | None:
         for layer in self.layers:
             if blob in layer.tops:

@@ -29,7 +29,7 @@ class ParityOptions:
     backends: str | None = None
     images: tuple[Path, ...] = ()
     weights: str | None = None
-    ncnn_precision: str = "fp32"
+    ncnn_precision: str | None = None  # None: int8 for an int8 model, else fp32
     threads: int = 2
     save_vis: Path | None = None
     model: str | None = None  # spec of the model the artifacts came from (enables the torch reference)
@@ -60,11 +60,28 @@ class ParityOptions:
             raise SpecError(f"{givers[0][0]} brings its own inputs; drop {others}")
         self.run_options(Path("."), None)  # the options parity shares with run, checked the same way
 
-    def run_options(self, out: Path, weights: str | None) -> RunOptions:
+    def run_options(self, out: Path, weights: str | None, precision: str | None = None) -> RunOptions:
         return RunOptions(
             out=out, backends=self.backends, images=self.images, weights=weights,
-            ncnn_precision=self.ncnn_precision, threads=self.threads, save_vis=self.save_vis,
+            ncnn_precision=precision or self.ncnn_precision or "fp32", threads=self.threads,
+            save_vis=self.save_vis, int8_model=(precision or self.ncnn_precision) == "int8",
         )  # fmt: skip
+
+    def precision_for(self, art: Artifacts) -> str:
+        """The ncnn precision to run and judge at: an int8 model (8= layers in its .param) is int8;
+        a given --ncnn-precision that contradicts the model is refused, not changed."""
+        int8 = art.ncnn_param is not None and bool(read_param(art.ncnn_param).int8_layers)
+        wanted = self.ncnn_precision
+        if int8 and wanted not in (None, "int8"):
+            raise SpecError(
+                f"{art.ncnn_param} is an int8 model; drop --ncnn-precision {wanted} (it runs as int8)"
+            )
+        if wanted == "int8" and not int8:
+            raise SpecError(
+                f"--ncnn-precision int8: {art.ncnn_param or 'the target'} has no int8 layer; "
+                "make one with `deploytool quantize` or `run --ncnn-precision int8`"
+            )
+        return "int8" if int8 else wanted or "fp32"
 
 
 def locate(target: Path) -> tuple[Artifacts, dict]:
@@ -82,8 +99,13 @@ def locate(target: Path) -> tuple[Artifacts, dict]:
         if report.is_file():
             try:
                 data = json.loads(report.read_text())
-                weights = (data.get("artifacts") or {}).get("weights")
+                recorded_art = data.get("artifacts") or {}
+                weights = recorded_art.get("weights")
                 recorded = {"spec": data.get("spec"), "weights": weights}
+                # the ncnn model the run checked (model.int8.param after an int8 run), when it is here
+                param = Path(str(recorded_art.get("ncnn_param") or "")).name
+                if param.endswith(".param") and (target / param).is_file():
+                    art.ncnn_param = target / param
             except (ValueError, AttributeError):
                 recorded = {}
     elif target.is_file() and target.suffix in (".param", ".onnx", ".pt"):
@@ -221,7 +243,8 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
     if opts.golden is not None:
         found[GOLDEN] = (True, None)
 
-    run_opts = opts.run_options(folder, weights)
+    precision = opts.precision_for(art)
+    run_opts = opts.run_options(folder, weights, precision)
     outputs = dict(preset)
     new_outputs, results = infer_all(spec, art, run_opts, backends, items, timer, reference)
     outputs.update(new_outputs)
@@ -241,7 +264,7 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
         with timer.stage("layerwise"):
             report.layers, report.first_failure = layerwise(
                 art.ncnn_param, art.ncnn_bin, items[0].feed, art.model, vulkan="ncnn-vulkan" in backends,
-                precision=opts.ncnn_precision, threads=opts.threads,
+                precision=precision, threads=opts.threads,
             )  # fmt: skip
         report.layer_input = items[0].label
     return report

@@ -59,6 +59,7 @@ class RunOptions:
     threads: int = 2
     save_vis: Path | None = None  # detectors: draw every backend's boxes on each photo here
     budget: str | None = None  # set: --precision auto, bench the variants and run the fastest within it
+    int8_model: bool = False  # the ncnn files are int8 already (parity on a quantized model): no recipe
 
     def __post_init__(self) -> None:
         """Every option checked when it is made, before any work."""
@@ -72,7 +73,7 @@ class RunOptions:
             check_onnx2ncnn(self.recipe.onnx2ncnn)
         check_opset(self.opset)
         _choice(self.ncnn_precision, NCNN_PRECISIONS, "--ncnn-precision")
-        if self.recipe.int8 != (self.ncnn_precision == "int8"):
+        if (self.recipe.int8 or self.int8_model) != (self.ncnn_precision == "int8"):
             raise SpecError("an int8 model runs at --ncnn-precision int8, and int8 needs a quantized model")
         if self.recipe.int8:
             from .quantize import METHODS, read_table

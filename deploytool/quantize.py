@@ -474,13 +474,13 @@ def calibration_feeds(spec, images: Sequence[Path | str]) -> Callable[[], Iterab
 # the int8 .param/.bin
 
 
-def _round_half_away(x: np.ndarray) -> np.ndarray:
+def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)  # C's roundf, as ncnn's float2int8
 
 
 def quantize_weights(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """int8 weights as ncnn's quantize_to_int8: round(w * scale) per row, clamped to [-127, 127]."""
-    q = _round_half_away(w.astype(np.float64) * scales.astype(np.float32).astype(np.float64)[:, None])
+    q = round_half_away(w.astype(np.float64) * scales.astype(np.float32).astype(np.float64)[:, None])
     return np.clip(q, -127, 127).astype(np.int8)
 
 

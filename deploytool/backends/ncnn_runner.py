@@ -329,7 +329,7 @@ class NcnnVulkanRunner(NcnnRunner):
         if self._worker is None and self._session is None:
             return {}
         placed = self._call("placement", doing="listing where each layer ran")
-        int8 = {layer.name for layer in self.graph.layers if layer.get(8, 0)}
+        int8 = set(self.graph.int8_layers)
         on_cpu = [name for name, kind, gpu in placed if not gpu and kind != "Input"]
         return {
             "layers_on_device": sum(1 for _, _, gpu in placed if gpu),

@@ -220,7 +220,7 @@ def select_backends(
         if requested is not None:
             raise SpecError(
                 f"--backends {requested} leaves nothing to compare with the reference {reference}; "
-                "add a backend such as ncnn-cpu"
+                f"add a backend such as {'ncnn-vulkan' if reference == 'ncnn-cpu' else 'ncnn-cpu'}"
             )
         why = "; ".join(f"{n}: {r}" for n, (ok, r) in found.items() if not ok and n != reference)
         raise BackendUnavailable(
