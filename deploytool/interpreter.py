@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BackendError, SpecError
-from .ncnn_param import TAG_INT8, Layer, NcnnGraph, read_param
+from .ncnn_param import TAG_INT8, Layer, NcnnGraph, read_param, weight_arrays
 
 FLT_MAX = float(np.finfo(np.float32).max)
 TAG_FP16 = 0x01306B47
@@ -41,76 +41,15 @@ class WeightRecord:
 
 
 def _weight_specs(layer: Layer) -> list[tuple[str, int, bool]]:
-    """The arrays a layer type loads from the model bin, in load order: (name, count, flagged).
-
-    flagged arrays start with a 4-byte tag (ncnn ModelBin::load type 0); the others are raw float32
-    (type 1). This mirrors each layer's load_model() in ncnn.
-    """
-    p = layer.params
-    t = layer.type
-    if t in ("Convolution", "ConvolutionDepthWise"):
-        if p.get(19, 0):
-            return []  # dynamic weight: weights arrive as a second input blob
-        specs = [("weight", int(p.get(6, 0)), True)]
-        if p.get(5, 0):
-            specs.append(("bias", int(p.get(0, 0)), False))
-        scales = int(p.get(7, 1)) if t == "ConvolutionDepthWise" else int(p.get(0, 0))
-        return specs + _int8_scale_specs(layer, scales)
-    if t == "InnerProduct":
-        specs = [("weight", int(p.get(2, 0)), True)]
-        if p.get(1, 0):
-            specs.append(("bias", int(p.get(0, 0)), False))
-        return specs + _int8_scale_specs(layer, int(p.get(0, 0)))
-    if t == "BatchNorm":
-        n = int(p.get(0, 0))
-        return [(name, n, False) for name in ("slope", "mean", "var", "bias")]
-    if t == "Scale":
-        n = int(p.get(0, 0))
-        specs = [] if n == -233 else [("scale", n, False)]
-        if p.get(1, 0):
-            specs.append(("bias", n, False))
-        return specs
-    if t == "MemoryData":
-        return [("data", int(np.prod(_memorydata_shape(layer), dtype=np.int64)), p.get(21, 1) == 0)]
-    if t == "PReLU":
-        return [("slope", int(p.get(0, 0)), False)]
-    if t == "Padding":
-        n = int(p.get(6, 0))
-        return [("pad_value", n, False)] if n else []
-    if t == "Gemm":
-        m, n, k = int(p.get(7, 0)), int(p.get(8, 0)), int(p.get(9, 0))
-        specs = []
-        if p.get(4, 0):
-            specs.append(("A", m * k, True))
-        if p.get(5, 0):
-            specs.append(("B", k * n, True))
-        bc = int(p.get(10, -1))
-        if p.get(6, 0) and bc != -1:
-            sizes = {0: 1, 1: m, 2: m, 3: m * n, 4: n}
-            if bc not in sizes:
-                raise UnsupportedLayerError(
-                    f"layer {layer.name} (Gemm): unknown constant_broadcast_type_C {bc}"
-                )
-            specs.append(("C", sizes[bc], True))
-        if p.get(18, 0):
-            raise UnsupportedLayerError(f"layer {layer.name} (Gemm) is int8-quantised")
-        return specs
-    return []
-
-
-def _int8_scale_specs(layer: Layer, per_channel: int) -> list[tuple[str, int, bool]]:
-    """The raw float32 scales after an int8 layer's weights and bias (8=int8_scale_term): one weight
-    scale per output channel (per group for depthwise; one for 8=2 depthwise), the bottom blob's
-    scale, and the top blob's when requantising (8 > 100)."""
-    term = int(layer.get(8, 0))
-    if not term:
-        return []
-    if term not in (1, 2, 101, 102):
-        raise UnsupportedLayerError(f"layer {layer.name} ({layer.type}): unknown int8_scale_term {term}")
-    if layer.type == "ConvolutionDepthWise" and term % 100 == 2:
-        per_channel = 1
-    specs = [("weight_scales", per_channel, False), ("bottom_scale", 1, False)]
-    return specs + ([("top_scale", 1, False)] if term > 100 else [])
+    """The arrays a layer loads from the model bin, in load order: (name, count, flagged), as
+    ncnn_param.weight_arrays knows them. flagged arrays start with a 4-byte tag (ncnn ModelBin::load
+    type 0); the others are raw float32 (type 1)."""
+    arrays = weight_arrays(layer)
+    if arrays is None:
+        raise UnsupportedLayerError(
+            f"layer {layer.name} ({layer.type}): the interpreter does not know what it loads from the .bin"
+        )
+    return [(a.name, a.count, a.flagged) for a in arrays]
 
 
 def _memorydata_shape(layer: Layer) -> tuple[int, ...]:

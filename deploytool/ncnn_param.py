@@ -152,27 +152,24 @@ class WeightArray:
 
 def weight_arrays(layer: Layer) -> list[WeightArray] | None:
     """The arrays `layer` loads from the .bin, in order, as ncnn's load_model reads them; [] for a type
-    that loads nothing; None when not known here (int8-quantised layers load extra scale arrays, and
-    types outside this list and WEIGHTLESS are not modelled)."""
+    that loads nothing; None when not known here (int8 Gemm, and types outside this list and
+    WEIGHTLESS, are not modelled)."""
     p, t = layer.params, layer.type
     if t in WEIGHTLESS:
         return []
     if t in ("Convolution", "ConvolutionDepthWise"):
-        if p.get(8, 0):
-            return None  # int8: scales follow the weights
         if p.get(19, 0):
             return []  # dynamic weight: the weights arrive as a second input blob
         arrays = [WeightArray("weight", int(p.get(6, 0)), True)]
         if p.get(5, 0):
             arrays.append(WeightArray("bias", int(p.get(0, 0)), False))
-        return arrays
+        per_channel = int(p.get(7, 1)) if t == "ConvolutionDepthWise" else int(p.get(0, 0))
+        return _with_int8_scales(layer, arrays, per_channel)
     if t == "InnerProduct":
-        if p.get(8, 0):
-            return None
         arrays = [WeightArray("weight", int(p.get(2, 0)), True)]
         if p.get(1, 0):
             arrays.append(WeightArray("bias", int(p.get(0, 0)), False))
-        return arrays
+        return _with_int8_scales(layer, arrays, int(p.get(0, 0)))
     if t == "BatchNorm":
         n = int(p.get(0, 0))
         return [WeightArray(name, n, False) for name in ("slope", "mean", "var", "bias")]
@@ -208,6 +205,27 @@ def weight_arrays(layer: Layer) -> list[WeightArray] | None:
         count = w * h * d * c if d else w * h * c if c else w * h if h else w if w else 1
         return [WeightArray("data", count, p.get(21, 1) == 0)]
     return None
+
+
+INT8_SCALE_TERMS = (1, 2, 101, 102)  # 8=: per-channel / per-tensor weight scales; > 100 requantises
+
+
+def _with_int8_scales(layer: Layer, arrays: list[WeightArray], per_channel: int) -> list[WeightArray] | None:
+    """An int8 layer's (8=int8_scale_term) arrays: its weights and bias, then raw float32 scales: one
+    weight scale per output channel (per group for depthwise; one for depthwise 8=2), the bottom
+    blob's scale and, when it requantises (8 > 100), the top blob's. None for an unknown term."""
+    term = int(layer.get(8, 0))
+    if not term:
+        return arrays
+    if term not in INT8_SCALE_TERMS:
+        return None
+    if layer.type == "ConvolutionDepthWise" and term % 100 == 2:
+        per_channel = 1
+    arrays = arrays + [
+        WeightArray("weight_scales", per_channel, False),
+        WeightArray("bottom_scale", 1, False),
+    ]
+    return arrays + ([WeightArray("top_scale", 1, False)] if term > 100 else [])
 
 
 def _align4(n: int) -> int:

@@ -218,8 +218,9 @@ def test_tiny_net_int8_runs_in_ncnn_close_to_fp32(tiny, tmp_path, method):
     done = Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin")
     assert done == [x.name for x in Q.calibration_layers(read_param(param))]
     q_layers = {x.name: x for x in read_param(tmp_path / "q.param").layers}
-    for name in done:
-        assert q_layers[name].get(8) == (1 if q_layers[name].type == "ConvolutionDepthWise" else 2)
+    # conv3 and dw hand int8 straight to the next convolution (requantised, 8=10x, as ncnn2int8 does)
+    terms = [q_layers[name].get(8) for name in done]
+    assert terms == [102, 101, 2, 2]
     ref, got = (
         _int8_outputs(param, bin, feeds),
         _int8_outputs(tmp_path / "q.param", tmp_path / "q.bin", feeds),
@@ -228,6 +229,37 @@ def test_tiny_net_int8_runs_in_ncnn_close_to_fp32(tiny, tmp_path, method):
         assert cosine(r, g) > 0.999
         assert r.argmax() == g.argmax()
         assert not np.array_equal(r, g)  # int8 arithmetic really ran
+
+
+def test_requantisation_changes_no_output_and_its_int8_blobs_read_back_as_floats(tiny, tmp_path):
+    """A requantising layer hands the next int8 convolution the same int8 values it would have made
+    itself: the outputs are identical, and the blobs ncnn hands out as int8 values (value / scale) are
+    the plain model's blobs on the int8 grid."""
+    _, param, bin, feeds = tiny
+    table = Q.calibrate(param, bin, feeds, method="minmax")
+    Q.quantize_model(param, bin, table, tmp_path / "f.param", tmp_path / "f.bin")
+    Q.quantize_model(param, bin, table, tmp_path / "p.param", tmp_path / "p.bin", requantize=False)
+    assert "8=102" in (tmp_path / "f.param").read_text() and "8=10" not in (tmp_path / "p.param").read_text()
+    fused = Q.requantized_blobs(tmp_path / "f.param", tmp_path / "f.bin")
+    conv3 = next(x for x in read_param(param).layers if x.type == "Convolution")
+    assert fused[conv3.tops[0]] == pytest.approx(
+        float(
+            table.blob_scales[
+                Q.requantize_targets(
+                    read_param(tmp_path / "p.param"), set(table.blob_scales), table.blob_scales
+                )[conv3.name]
+            ][0]
+        )
+    )
+    with NcnnRunner(tmp_path / "f.param", tmp_path / "f.bin", precision="int8") as runner:
+        f_blobs = runner.extract_all(feeds[0])
+    with NcnnRunner(tmp_path / "p.param", tmp_path / "p.bin", precision="int8") as runner:
+        p_blobs = runner.extract_all(feeds[0])
+    out = read_param(param).output_names[0]
+    np.testing.assert_array_equal(f_blobs[out], p_blobs[out])
+    for blob, scale in fused.items():
+        on_grid = np.clip(Q.round_half_away(p_blobs[blob].astype(np.float64) * np.float32(scale)), -127, 127)
+        np.testing.assert_allclose(f_blobs[blob], on_grid / np.float32(scale), rtol=1e-6, atol=1e-6)
 
 
 def test_kept_fp32_layers_are_copied_unchanged(tiny, tmp_path):
@@ -257,7 +289,8 @@ def test_corrupted_scale_in_int8_bin_fails_parity(tiny, tmp_path):
     input, and the int8 model no longer matches fp32."""
     _, param, bin, feeds = tiny
     table = Q.calibrate(param, bin, feeds, method="kl")
-    Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin")
+    # without requantisation each scale is written once (with it, dw's bottom scale is conv3's top too)
+    Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin", requantize=False)
     conv = _by_type(param)["Convolution"][1]
     scale = table.blob_scales[conv].astype(np.float32).tobytes()
     data = (tmp_path / "q.bin").read_bytes()
