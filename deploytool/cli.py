@@ -442,6 +442,14 @@ def bundle(
     input_shape: ShapeOpt = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = 2,
+    ncnn_precision: Annotated[
+        str,
+        typer.Option("--ncnn-precision", help="fp32 (default) or int8: the model the board gets"),
+    ] = "fp32",
+    calib: CalibOpt = None,
+    method: MethodOpt = "kl",
+    table: TableOpt = None,
+    keep_fp32: KeepFp32Opt = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -456,16 +464,22 @@ def bundle(
     or empty folder or an earlier bundle (replaced; files you added to it are kept); the folder is
     checked before any work."""
     from .bundle import make_bundle
-    from .pipeline import Recipe, RunOptions
+    from .pipeline import RunOptions
     from .report import console_summary
 
+    if ncnn_precision not in ("fp32", "int8"):
+        raise SpecError(
+            f"bundle --ncnn-precision takes fp32 or int8 (got {ncnn_precision!r}): fp16/bf16 are runtime "
+            "settings of the board's ncnn, not files"
+        )
     spec = load_spec(model, input_shape)
     opts = RunOptions(
         out=Path(work or Path("out") / spec.name),
         images=images_or_default(images, spec.task),
-        recipe=Recipe(converter=converter),
+        recipe=_recipe(converter, False, None, ncnn_precision == "int8", calib, method, table, keep_fp32),
         weights=weights,
         threads=threads,
+        ncnn_precision=ncnn_precision,
     )
     result, path = make_bundle(spec, opts, out, force=force)
     console_summary(result, console)

@@ -268,7 +268,13 @@ def quantize_stage(spec: ModelSpec, art: Artifacts, recipe: Recipe, out: Path) -
         write_table(table_path, table)
         param, bin_ = out / "model.int8.param", out / "model.int8.bin"
         layers = quantize_model(art.ncnn_param, art.ncnn_bin, table, param, bin_, recipe.keep_fp32)
-    return replace(art, ncnn_param=param, ncnn_bin=bin_, int8_table=table_path, int8_layers=tuple(layers))
+    meta = art.meta
+    if meta is not None:  # the runners (C++, bundle) read the int8 files from now on
+        meta = dict(meta, param=param.name, bin=bin_.name)
+        write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return replace(
+        art, ncnn_param=param, ncnn_bin=bin_, int8_table=table_path, int8_layers=tuple(layers), meta=meta
+    )
 
 
 def build_artifacts(

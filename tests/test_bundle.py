@@ -92,3 +92,25 @@ def test_cpp_backend_passes_and_wrong_channel_order_fails(bundle, tmp_path):
     result = _invoke("parity", swapped, "--backends", "ncnn-cpp", "--images", IMAGES)
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "its own preprocessing vs Python's" in result.output
+
+
+def test_int8_bundle_carries_the_int8_model_checked_by_the_cpp_runner(tmp_path):
+    """`bundle --ncnn-precision int8`: the board gets the int8 model that torch, ncnn-cpu and the C++
+    runner (built against the same libncnn) were checked on at the int8 tolerance."""
+    result = _invoke(
+        "bundle", "resnet18", "--ncnn-precision", "int8", "--out", tmp_path / "b", "--work", tmp_path / "w",
+        "--images", IMAGES / "chelsea.jpg",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert report["passed"] and report["backends"]["ncnn-cpp"]["available"]
+    cpp = [c for c in report["comparisons"] if c["backend"] == "ncnn-cpp"]
+    assert cpp and all(c["passed"] and c["peak_rtol"] > 0 for c in cpp)  # judged at int8
+    param = (tmp_path / "b" / "model.ncnn.param").read_text()
+    assert "8=102" in param and "8=2" in param  # int8 layers, requantising where ncnn2int8 would
+    assert (tmp_path / "b" / "model.ncnn.bin").read_bytes() == (
+        tmp_path / "w" / "model.int8.bin"
+    ).read_bytes()
+    assert json.loads((tmp_path / "w" / "meta.json").read_text())["param"] == "model.int8.param"
+    result = _invoke("bundle", "resnet18", "--ncnn-precision", "fp16", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "takes fp32 or int8" in result.output
