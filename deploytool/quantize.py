@@ -557,6 +557,16 @@ def requantized_blobs(param: Path | str, bin: Path | str) -> dict[str, float]:
     return found
 
 
+def as_floats(blobs: dict[str, np.ndarray], param: Path | str, bin: Path | str) -> dict[str, np.ndarray]:
+    """Extracted blobs with the requantised ones (int8 values, `requantized_blobs`) turned back into the
+    floats they stand for, so every per-blob comparison sees floats."""
+    out = dict(blobs)
+    for blob, scale in requantized_blobs(param, bin).items():
+        if blob in out and scale:
+            out[blob] = out[blob] / np.float32(scale)
+    return out
+
+
 def quantize_model(
     param: Path | str,
     bin: Path | str,

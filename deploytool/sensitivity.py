@@ -201,8 +201,11 @@ class _Sweep:
         return [by_spec_name(o, self.output_names) for o in outs]
 
     def blobs(self, param: Path, bin: Path) -> dict[str, np.ndarray]:
+        from .quantize import as_floats
+
         tops = [top for layer in self.graph.layers for top in layer.tops]
-        return self._call("extract_all", str(param), str(bin), self.feeds[0], tops, doing="extracting blobs")
+        blobs = self._call("extract_all", str(param), str(bin), self.feeds[0], tops, doing="extracting blobs")
+        return as_floats(blobs, param, bin)  # requantised blobs hold int8 values
 
 
 @contextmanager

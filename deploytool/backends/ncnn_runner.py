@@ -299,15 +299,11 @@ class NcnnRunner(Runner):
 
     def extract_all(self, feed) -> dict[str, np.ndarray]:
         """Every blob of the graph, in graph order (for per-layer comparisons)."""
-        from ..quantize import requantized_blobs
+        from ..quantize import as_floats
 
         tops = [top for layer in self.graph.layers for top in layer.tops]
         blobs = self._call("extract_all", self._named(feed), tops, doing="extracting every blob")
-        # an int8 model's requantised blobs come out as int8 values: back to the floats they stand for
-        for blob, scale in requantized_blobs(self.param, self.bin).items():
-            if blob in blobs and scale:
-                blobs[blob] = blobs[blob] / np.float32(scale)
-        return blobs
+        return as_floats(blobs, self.param, self.bin)  # an int8 model's requantised blobs are int8 values
 
 
 class NcnnVulkanRunner(NcnnRunner):
