@@ -395,6 +395,14 @@ def bench(
             "variants; the fastest set within --budget goes into meta.json as ncnn_options",
         ),
     ] = False,
+    keep_fp32: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-fp32",
+            help="also time int8 with these layers kept fp32 (row ncnn-cpu/int8-mixed), e.g. the list "
+            "`quantize --auto-mixed` prints",
+        ),
+    ] = None,
 ) -> None:
     """Latency (median, p90, min) per backend and per ncnn precision variant, with parity for each, and
     the fastest variant within the accuracy budget."""
@@ -412,6 +420,7 @@ def bench(
         budget=budget,
         retries=retries,
         tune=tune,
+        keep_fp32=tuple(n.strip() for n in (keep_fp32 or "").split(",") if n.strip()),
     )
     result = bench_model(spec, opts)
     render_bench(result, console)

@@ -4,7 +4,9 @@ at 1 and 2 threads, with the int8 rows (ncnn's and ONNX Runtime's) compared in a
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,33 @@ AIM_RATIO = 0.5
 DETECT_BUDGET = "detection_agreement=1"  # top-1 means nothing for a detector: every photo's detections match
 MODELS = ("resnet18", "efficientnet_lite0", "yolov8n")
 PHOTOS = (REPO / "images", REPO / "images" / "eval")  # the demo photos and the eval photos (not images/calib)
+# The budget `quantize --auto-mixed` meets on images/ to choose each model's int8-mixed row (layers kept fp32)
+MIXED_BUDGETS = {
+    "resnet18": "cosine=0.9995",
+    "efficientnet_lite0": "cosine=0.999",
+    "yolov8n": "peak_rel=0.02",
+}
+
+
+def kept_fp32(name: str, out: Path) -> tuple[tuple[str, ...], str]:
+    """The layers `deploytool quantize NAME --auto-mixed BUDGET` keeps fp32 (run as a user would, its
+    log in OUT/quantize.log), and a line saying how they were chosen; () when it finds none."""
+    budget = MIXED_BUDGETS.get(name)
+    if budget is None:
+        return (), "no auto-mixed budget set for this model"
+    out.mkdir(parents=True, exist_ok=True)
+    cli = Path(sys.executable).with_name("deploytool")
+    cmd = [str(cli), "--quiet", "quantize", name, "--auto-mixed", budget, "--out", str(out / "run"),
+           "--report", str(out / "report.json")]  # fmt: skip
+    with open(out / "quantize.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if rc != 0:
+        return (), f"`quantize --auto-mixed {budget}` exited {rc} (see {out / 'quantize.log'})"
+    kept = tuple(json.loads((out / "report.json").read_text())["artifacts"].get("int8_kept_fp32") or ())
+    return (
+        kept,
+        f"`quantize --auto-mixed {budget}` on images/ kept {len(kept)} layers fp32: {', '.join(kept)}",
+    )
 
 
 def _r(result: dict, name: str, threads: int) -> dict | None:
@@ -144,9 +173,10 @@ def int8_rows(result: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["threads"], r["name"]))
 
 
-def int8_section(results: dict[str, dict]) -> str:
-    """ncnn int8 against ONNX Runtime fp32 and ONNX Runtime int8 at the same thread count, and how close
-    each int8 model stays to torch, for every benched model."""
+def int8_section(results: dict[str, dict], mixed_notes: dict[str, str]) -> str:
+    """ncnn int8 (all int8, and mixed: the layers `quantize --auto-mixed` keeps fp32) against ONNX Runtime
+    fp32 and ONNX Runtime int8 at the same thread count, and how close each int8 model stays to torch,
+    for every benched model."""
     lines = [
         "## int8: ncnn against ONNX Runtime\n",
         "Both int8 models are calibrated on `images/calib` with the spec's own preprocessing: ncnn's by "
@@ -159,6 +189,12 @@ def int8_section(results: dict[str, dict]) -> str:
         "| model | row | threads | median ms | x ORT | x ORT int8 | top1/det agreement | cosine | peak_rel "
         "| passed |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    lines[2:2] = [
+        "`ncnn-cpu/int8-mixed` is ncnn's int8 model with the layers `quantize --auto-mixed` keeps fp32 "
+        "(chosen on the 4 photos of `images/`, then judged here on those and `images/eval`):\n",
+        *(f"- {name}: {note}" for name, note in mixed_notes.items()),
+        "",
     ]
     for name, result in results.items():
         for r in int8_rows(result):
@@ -255,7 +291,9 @@ def main() -> int:
     first = None
     models = [m for m in args.models.split(",") if (REPO / "models" / f"{m}.toml").is_file()]
     benched: dict[str, dict] = {}
+    mixed_notes: dict[str, str] = {}
     for name in models:
+        keep, mixed_notes[name] = kept_fp32(name, args.out / f"{name}-mixed")
         opts = BenchOptions(
             out=args.out / name,
             runs=args.runs,
@@ -264,6 +302,7 @@ def main() -> int:
             images=PHOTOS,
             budget=DETECT_BUDGET if load_spec(name).task == "detect" else DEFAULT_BUDGET,
             retries=args.retries,
+            keep_fp32=keep,
         )
         try:
             report = bench_model(load_spec(name), opts)
@@ -279,7 +318,7 @@ def main() -> int:
     if first is None:
         print("no model could be benched", file=sys.stderr)
         return 1
-    sections.append(int8_section(benched))
+    sections.append(int8_section(benched, mixed_notes))
     load_after = os.getloadavg()[0]
     doc = (
         "# Performance\n\n"

@@ -38,7 +38,7 @@ from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchReport, BenchRow
 from .select import select_all
 from .timing import Job, measure_with_retries, time_preprocessing
 from .tune import TUNE_BACKEND, tune_variants
-from .variants import BASELINE, VARIANT_BACKENDS, VARIANTS, Variant
+from .variants import BASELINE, VARIANT_BACKENDS, VARIANTS, Variant, mixed_variant
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,13 @@ class BenchOptions:
     retries: int = 0  # re-measure a row with a wide spread up to this often; the lowest median is kept
     recipe: Recipe = field(default_factory=Recipe)  # the converter; each variant sets its weights on top
     tune: bool = False  # also search ncnn's runtime options of the fp32/int8 variants (bench/tune.py)
+    keep_fp32: tuple[str, ...] = ()  # set: an int8-mixed row, int8 with these layers kept fp32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "threads", tuple(self.threads))
         object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
 
 
 def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str | None]], judge.Budget]:
@@ -85,6 +87,8 @@ def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str |
     backends, found = select_backends(opts.backends, default=bench_backends())
     if opts.tune and TUNE_BACKEND not in backends:
         raise SpecError(f"--tune searches the runtime options of {TUNE_BACKEND}; add it to --backends")
+    if opts.keep_fp32 and "ncnn-cpu" not in backends:
+        raise SpecError("--keep-fp32 adds an ncnn-cpu/int8-mixed row; add ncnn-cpu to --backends")
     return backends, found, budget
 
 
@@ -97,6 +101,10 @@ def bench_model(spec: ModelSpec, opts: BenchOptions) -> BenchReport:
     out = opts.out  # build_artifacts makes it ready once the model has loaded
     items = inputs_for(spec, list(opts.images), dynamic=False)  # timed at the spec's input shape only
     variants = [v for v in VARIANTS if v.backend in backends]
+    if opts.keep_fp32:
+        variants.insert(
+            next(i for i, v in enumerate(variants) if v.name == "int8") + 1, mixed_variant(opts.keep_fp32)
+        )
     plain = [b for b in backends if b not in VARIANT_BACKENDS]
     base_recipe = BASELINE.files_for(opts.recipe)  # the user's converter, fp32 weights
     model, files, labels = _make_files(spec, opts, base_recipe, variants, plain, items[0].tensor, timer)
