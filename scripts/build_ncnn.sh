@@ -14,6 +14,10 @@
 #   JOBS               parallel build jobs (default 2)
 #   NCNN_VULKAN        ON to also build the Vulkan path (bundled glslang, ~2x build time); default OFF.
 #                      The C++ runner checks fp32 CPU parity, so OFF is enough for it.
+#   ARCH               aarch64 to cross-compile for 64-bit Arm boards with Debian's g++-aarch64-linux-gnu
+#                      and cmake/toolchains/aarch64-linux-gnu.cmake, into ncnn-<version>-aarch64 (ncnn's
+#                      Arm kernels: NEON, and the ARMv8.2 fp16 / dot-product paths it picks at run time).
+#                      Default: the host (x86_64).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +25,11 @@ die() { echo "build_ncnn.sh: error: $*" >&2; exit 1; }
 
 # --- system packages: compiler, cmake, OpenCV and nlohmann-json headers for the runner -------------
 need_pkgs=()
-for pkg in build-essential cmake libopencv-dev nlohmann-json3-dev; do
+arch="${ARCH:-host}"
+[[ $arch == host || $arch == aarch64 ]] || die "ARCH must be aarch64 or unset (the host), got '$arch'"
+pkgs=(build-essential cmake libopencv-dev nlohmann-json3-dev)
+[[ $arch == aarch64 ]] && pkgs=(cmake g++-aarch64-linux-gnu)
+for pkg in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if ((${#need_pkgs[@]})); then
@@ -52,6 +60,11 @@ cache="${DEPLOYTOOL_CACHE:-$HOME/.cache/deploytool}"
 vulkan="${NCNN_VULKAN:-OFF}"
 suffix=""
 [[ $vulkan == ON ]] && suffix="-vulkan"
+cross=()
+if [[ $arch == aarch64 ]]; then
+    suffix="$suffix-aarch64"
+    cross=(-DCMAKE_TOOLCHAIN_FILE="$here/cmake/toolchains/aarch64-linux-gnu.cmake")
+fi
 prefix="$cache/ncnn-$version$suffix"
 stamp="$prefix/.deploytool-stamp"
 logs="$prefix.logs"
@@ -121,6 +134,7 @@ echo "build_ncnn.sh: configuring (log: $logs/configure.log)"
 cmake -S "$src" -B "$work/build" \
     -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_INSTALL_PREFIX="$prefix" \
+    "${cross[@]}" \
     -DNCNN_VERSION="$patch" \
     -DNCNN_VULKAN="$vulkan" \
     -DNCNN_BUILD_TOOLS=OFF \
@@ -138,6 +152,6 @@ cmake --install "$work/build" >"$logs/install.log" 2>&1 \
 [[ -f $prefix/lib/cmake/ncnn/ncnnConfig.cmake ]] || die "install did not produce lib/cmake/ncnn/ncnnConfig.cmake"
 
 secs=$(($(date +%s) - start))
-printf 'version=%s\nvulkan=%s\nseconds=%s\n' "$version" "$vulkan" "$secs" >"$stamp"
+printf 'version=%s\nvulkan=%s\narch=%s\nseconds=%s\n' "$version" "$vulkan" "$arch" "$secs" >"$stamp"
 echo "libncnn $version built in ${secs}s: $prefix"
 echo "use: cmake -Dncnn_DIR=$prefix/lib/cmake/ncnn ..."
