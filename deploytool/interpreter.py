@@ -209,11 +209,11 @@ def _quantize_input(layer: Layer, x: np.ndarray, w, out_c: int) -> tuple[np.ndar
     input unchanged and None."""
     if not layer.get(8, 0):
         return x, None
-    from .quantize import round_half_away
+    from .quantize import int8_levels
 
     s_in = np.float32(w["bottom_scale"][0])
     # x * scale in float32, as ncnn multiplies (a float64 product rounds differently at the .5 edges)
-    xq = np.clip(round_half_away((x.astype(np.float32) * s_in).astype(np.float64)), -127, 127)
+    xq = int8_levels((x.astype(np.float32) * s_in).astype(np.float64))
     s_in = float(s_in)
     s_w = np.broadcast_to(w["weight_scales"], (out_c,))
     both = s_in * s_w
@@ -225,10 +225,10 @@ def _requantize(y: np.ndarray, w) -> np.ndarray:
     as a float blob that is the output rounded to that grid. Other layers: unchanged."""
     if "top_scale" not in w:
         return y
-    from .quantize import round_half_away
+    from .quantize import int8_levels
 
     top = float(np.float32(w["top_scale"][0]))
-    return np.clip(round_half_away(y * top), -127, 127) / top if top else np.zeros_like(y)
+    return int8_levels(y * top) / top if top else np.zeros_like(y)
 
 
 def _dequantize(y: np.ndarray, per_out: np.ndarray | None, w, shape: tuple[int, ...]) -> np.ndarray:

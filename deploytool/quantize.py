@@ -478,10 +478,15 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)  # C's roundf, as ncnn's float2int8
 
 
+def int8_levels(scaled: np.ndarray) -> np.ndarray:
+    """x * scale on ncnn's int8 grid: rounded half away from zero, clamped to [-127, 127] (float64)."""
+    return np.clip(round_half_away(scaled), -127, 127)
+
+
 def quantize_weights(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """int8 weights as ncnn's quantize_to_int8: round(w * scale) per row, clamped to [-127, 127]."""
-    q = round_half_away(w.astype(np.float64) * scales.astype(np.float32).astype(np.float64)[:, None])
-    return np.clip(q, -127, 127).astype(np.int8)
+    scaled = w.astype(np.float64) * scales.astype(np.float32).astype(np.float64)[:, None]
+    return int8_levels(scaled).astype(np.int8)
 
 
 _INT8_TERM = re.compile(r"(?<=\s)8=\S+")

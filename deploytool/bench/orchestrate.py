@@ -38,7 +38,7 @@ from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchReport, BenchRow
 from .select import select_all
 from .timing import Job, measure_with_retries, time_preprocessing
 from .tune import TUNE_BACKEND, tune_variants
-from .variants import BASELINE, VARIANT_BACKENDS, VARIANTS, Variant, mixed_variant
+from .variants import BASELINE, MIXED, MIXED_BACKEND, VARIANT_BACKENDS, VARIANTS, Variant, mixed_variant
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str |
     backends, found = select_backends(opts.backends, default=bench_backends())
     if opts.tune and TUNE_BACKEND not in backends:
         raise SpecError(f"--tune searches the runtime options of {TUNE_BACKEND}; add it to --backends")
-    if opts.keep_fp32 and "ncnn-cpu" not in backends:
-        raise SpecError("--keep-fp32 adds an ncnn-cpu/int8-mixed row; add ncnn-cpu to --backends")
+    if opts.keep_fp32 and MIXED_BACKEND not in backends:
+        raise SpecError(f"--keep-fp32 adds an {MIXED_BACKEND}/{MIXED} row; add {MIXED_BACKEND} to --backends")
     return backends, found, budget
 
 

@@ -83,12 +83,13 @@ VARIANTS = (
     ),
 )  # fmt: skip
 MIXED = "int8-mixed"  # bench --keep-fp32 adds this row: the int8 model with those layers kept fp32
+MIXED_BACKEND = "ncnn-cpu"
 
 
 def mixed_variant(keep_fp32: tuple[str, ...]) -> Variant:
     """The int8 variant with `keep_fp32` left in fp32 (the list `quantize --auto-mixed` prints)."""
     return Variant(
-        MIXED, "ncnn-cpu", f"int8 (kl) with {len(keep_fp32)} layers kept fp32: {', '.join(keep_fp32)}",
+        MIXED, MIXED_BACKEND, f"int8 (kl) with {len(keep_fp32)} layers kept fp32: {', '.join(keep_fp32)}",
         recipe=Recipe(quantize="kl", keep_fp32=tuple(keep_fp32)), precision="int8",
     )  # fmt: skip
 
@@ -99,7 +100,7 @@ BASELINE = VARIANTS[0]  # the other candidates' outputs are also compared with t
 VARIANT_BACKENDS = tuple(dict.fromkeys(v.backend for v in CANDIDATES))  # benched only as variants
 # --budget picks among these rows (int8-mixed only exists when bench is given --keep-fp32; run
 # --precision auto benches without it, so it never has to rebuild that row)
-CANDIDATE_LABELS = frozenset([*(v.label for v in CANDIDATES), f"ncnn-cpu/{MIXED}"])
+CANDIDATE_LABELS = frozenset([*(v.label for v in CANDIDATES), f"{MIXED_BACKEND}/{MIXED}"])
 
 
 def get_variant(name: str) -> Variant:
