@@ -11,10 +11,10 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import deferred_signals
-from .backends.ncnn_cpp import runner_source_dir, runner_source_files
 from .backends.ncnn_runner import check_ncnn_options, ncnn_options_of
 from .errors import SpecError
 from .ncnn_param import read_param
+from .targets.build import runner_source_dir, runner_source_files
 
 PARAM_NAME = "model.ncnn.param"
 BIN_NAME = "model.ncnn.bin"

@@ -15,10 +15,10 @@ class Fact:
 def facts() -> list[Fact]:
     """One line per tool and per registered backend; `ok` is False where something is missing."""
     from .backends import BACKENDS
-    from .backends.ncnn_cpp import ncnn_cmake_dir
     from .backends.ncnn_runner import vulkan_device_name
     from .convert import find_onnx2ncnn, find_pnnx
     from .pipeline import versions
+    from .targets.build import ncnn_cmake_dir
 
     out = [Fact(name, ver or "not installed", ver is not None) for name, ver in versions().items()]
     device = vulkan_device_name()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deploytool.backends.ncnn_cpp import ncnn_cmake_dir
 from deploytool.cli import app
+from deploytool.targets.build import ncnn_cmake_dir
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 pytestmark = [pytest.mark.cpp, pytest.mark.slow]

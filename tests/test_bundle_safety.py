@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 import deploytool.bundle as bundle_mod
-from deploytool.backends.ncnn_cpp import runner_source_dir
 from deploytool.bundle import MARKER, bundle_files, check_bundle_target, write_bundle
 from deploytool.cli import app
 from deploytool.errors import SpecError
 from deploytool.progress import PREFIX as PROGRESS_PREFIX
+from deploytool.targets.build import runner_source_dir
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 cli = CliRunner()

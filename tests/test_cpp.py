@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploytool.backends.ncnn_cpp import NcnnCppRunner, build_runner, runner_source_dir
+from deploytool.backends.ncnn_cpp import NcnnCppRunner
+from deploytool.targets.build import build_runner, runner_source_dir
 
 pytestmark = pytest.mark.cpp
 

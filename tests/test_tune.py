@@ -406,8 +406,9 @@ def _write_meta(folder: Path, art, options) -> Path:
 def test_cpp_python_and_bundle_runners_apply_the_same_options(tiny, tmp_path):
     """meta.json with an accuracy-changing set: the C++ runner and run_ncnn.py report the same options as
     ncnn's Python binding and give its numbers, not fp32's (so neither ignored them)."""
-    from deploytool.backends.ncnn_cpp import NcnnCppRunner, build_runner
+    from deploytool.backends.ncnn_cpp import NcnnCppRunner
     from deploytool.backends.ncnn_runner import NcnnRunner
+    from deploytool.targets.build import build_runner
 
     spec, art, out = tiny
     x = _photos(spec)[0].tensor
@@ -454,7 +455,7 @@ def test_cpp_python_and_bundle_runners_apply_the_same_options(tiny, tmp_path):
     ],
 )
 def test_bundle_runners_refuse_malformed_options_with_exit_2(tiny, tmp_path, options, match):
-    from deploytool.backends.ncnn_cpp import build_runner
+    from deploytool.targets.build import build_runner
 
     _, art, out = tiny
     meta = dict(art.meta, ncnn_options=options, param=str(art.ncnn_param), bin=str(art.ncnn_bin))

@@ -1,0 +1,1 @@
+"""Where the C++ runner executes: local, qemu-aarch64, ssh."""
