@@ -17,7 +17,9 @@
 #   ARCH               aarch64 to cross-compile for 64-bit Arm boards with Debian's g++-aarch64-linux-gnu
 #                      and cmake/toolchains/aarch64-linux-gnu.cmake, into ncnn-<version>-aarch64 (ncnn's
 #                      Arm kernels: NEON, and the ARMv8.2 fp16 / dot-product paths it picks at run time).
-#                      Default: the host (x86_64).
+#                      This build also has ncnn's simpleocv (NCNN_SIMPLEOCV=ON: cv::imread with stb_image),
+#                      so the runner built against it needs no OpenCV on the board; it needs Debian's
+#                      qemu-user (qemu-aarch64) to run that runner here. Default: the host (x86_64).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,7 +30,7 @@ need_pkgs=()
 arch="${ARCH:-host}"
 [[ $arch == host || $arch == aarch64 ]] || die "ARCH must be aarch64 or unset (the host), got '$arch'"
 pkgs=(build-essential cmake libopencv-dev nlohmann-json3-dev)
-[[ $arch == aarch64 ]] && pkgs=(cmake g++-aarch64-linux-gnu)
+[[ $arch == aarch64 ]] && pkgs=(cmake g++-aarch64-linux-gnu nlohmann-json3-dev qemu-user)
 for pkg in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
@@ -61,15 +63,20 @@ vulkan="${NCNN_VULKAN:-OFF}"
 suffix=""
 [[ $vulkan == ON ]] && suffix="-vulkan"
 cross=()
+extra_stamp=""
 if [[ $arch == aarch64 ]]; then
     suffix="$suffix-aarch64"
-    cross=(-DCMAKE_TOOLCHAIN_FILE="$here/cmake/toolchains/aarch64-linux-gnu.cmake")
+    cross=(-DCMAKE_TOOLCHAIN_FILE="$here/cmake/toolchains/aarch64-linux-gnu.cmake" -DNCNN_SIMPLEOCV=ON)
+    extra_stamp=$'simpleocv=ON\n'
 fi
 prefix="$cache/ncnn-$version$suffix"
 stamp="$prefix/.deploytool-stamp"
 logs="$prefix.logs"
 
-if [[ -f $stamp ]]; then
+# A stamp counts when it exists and (aarch64) says the build has simpleocv; an older aarch64 build
+# without it is rebuilt.
+built() { [[ -f $stamp ]] && { [[ -z $extra_stamp ]] || grep -qx 'simpleocv=ON' "$stamp"; }; }
+if built; then
     echo "libncnn $version already built: $prefix"
     exit 0
 fi
@@ -78,7 +85,7 @@ fi
 mkdir -p "$cache"
 exec 9>"$prefix.lock"
 flock 9 || die "cannot lock $prefix.lock"
-if [[ -f $stamp ]]; then
+if built; then
     echo "libncnn $version already built: $prefix"
     exit 0
 fi
@@ -152,6 +159,6 @@ cmake --install "$work/build" >"$logs/install.log" 2>&1 \
 [[ -f $prefix/lib/cmake/ncnn/ncnnConfig.cmake ]] || die "install did not produce lib/cmake/ncnn/ncnnConfig.cmake"
 
 secs=$(($(date +%s) - start))
-printf 'version=%s\nvulkan=%s\narch=%s\nseconds=%s\n' "$version" "$vulkan" "$arch" "$secs" >"$stamp"
+printf 'version=%s\nvulkan=%s\narch=%s\n%sseconds=%s\n' "$version" "$vulkan" "$arch" "$extra_stamp" "$secs" >"$stamp"
 echo "libncnn $version built in ${secs}s: $prefix"
 echo "use: cmake -Dncnn_DIR=$prefix/lib/cmake/ncnn ..."

@@ -3,7 +3,8 @@
 //   deploytool_runner META.json INPUT... [--dump-raw DIR] [--threads N] [--repeat N]
 //
 // An INPUT ending in .npy is taken as an already preprocessed float32 tensor (1,C,H,W) and fed as is;
-// any other INPUT is read with OpenCV and preprocessed as meta.json says, with ncnn's own pixel functions.
+// any other INPUT is decoded (OpenCV's cv::imread, or ncnn's simpleocv cv::imread with stb_image when built
+// with -DDEPLOYTOOL_IMAGE_DECODER=simpleocv) and preprocessed as meta.json says, with ncnn's pixel functions.
 
 #include <cpu.h>
 #include <net.h>
@@ -23,8 +24,15 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#if DEPLOYTOOL_SIMPLEOCV
+#include <simpleocv.h>
+#if !NCNN_SIMPLEOCV
+#error "this libncnn was built without NCNN_SIMPLEOCV=ON; rebuild it (ARCH=aarch64 scripts/build_ncnn.sh does) or build the runner with -DDEPLOYTOOL_IMAGE_DECODER=opencv"
+#endif
+#else
 #include <opencv2/core/utils/logger.hpp>
 #include <opencv2/imgcodecs.hpp>
+#endif
 
 #include "npy.h"
 #include "postprocess.h"
@@ -33,6 +41,17 @@ namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
 
 namespace {
+
+#if DEPLOYTOOL_SIMPLEOCV
+const char* kImageDecoder = "stb_image";  // ncnn's simpleocv cv::imread
+const char* kDecoderLabel = "stb_image";
+// simpleocv's cv::Mat keeps its rows packed, without OpenCV's step.
+int row_bytes(const cv::Mat& m) { return m.cols * m.channels(); }
+#else
+const char* kImageDecoder = "opencv";
+const char* kDecoderLabel = "OpenCV";
+int row_bytes(const cv::Mat& m) { return static_cast<int>(m.step[0]); }
+#endif
 
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -220,14 +239,12 @@ ncnn::Mat preprocess(const cv::Mat& bgr, const Meta& m, post::Geometry& g) {
         const int new_w = static_cast<int>(std::nearbyint(w * r));
         const int new_h = static_cast<int>(std::nearbyint(h * r));
         const int left = (m.width - new_w) / 2, top = (m.height - new_h) / 2;
-        ncnn::Mat resized = ncnn::Mat::from_pixels_resize(bgr.data, type, w, h, static_cast<int>(bgr.step[0]),
-                                                          new_w, new_h);
+        ncnn::Mat resized = ncnn::Mat::from_pixels_resize(bgr.data, type, w, h, row_bytes(bgr), new_w, new_h);
         ncnn::copy_make_border(resized, in, top, m.height - new_h - top, left, m.width - new_w - left,
                                ncnn::BORDER_CONSTANT, m.pad_value);
         g = post::Geometry{w, h, double(new_w) / w, double(new_h) / h, double(left), double(top)};
     } else {
-        in = ncnn::Mat::from_pixels_resize(bgr.data, type, w, h, static_cast<int>(bgr.step[0]), m.width,
-                                           m.height);
+        in = ncnn::Mat::from_pixels_resize(bgr.data, type, w, h, row_bytes(bgr), m.width, m.height);
     }
     if (in.empty()) throw Error("preprocessing produced an empty tensor");
     in.substract_mean_normalize(m.mean_vals.data(), m.norm_vals.data());
@@ -304,7 +321,9 @@ int parse_int(const std::string& flag, const char* value) {
 const char* kUsage = "usage: deploytool_runner META.json INPUT... [--dump-raw DIR] [--threads N] [--repeat N]";
 
 int run(int argc, char** argv) {
+#if !DEPLOYTOOL_SIMPLEOCV
     cv::utils::logging::setLogLevel(cv::utils::logging::LOG_LEVEL_ERROR);  // errors are ours to report
+#endif
     std::vector<std::string> positional;
     std::string dump_dir;
     int threads = ncnn::get_physical_big_cpu_count();
@@ -369,7 +388,8 @@ int run(int argc, char** argv) {
             in = load_npy_input(path, g);
         } else {
             const cv::Mat bgr = cv::imread(path.string(), cv::IMREAD_COLOR);
-            if (bgr.empty()) throw Error(path.string() + ": not a readable image (OpenCV could not decode it)");
+            if (bgr.empty() || bgr.channels() != 3)
+                throw Error(path.string() + ": not a readable image (" + kDecoderLabel + " could not decode it)");
             in = preprocess(bgr, m, g);
         }
 
@@ -409,6 +429,7 @@ int run(int argc, char** argv) {
                       {"model", m.model},
                       {"task", m.task},
                       {"threads", threads},
+                      {"image_decoder", kImageDecoder},
                       {"ncnn_options", applied},
                       {"results", results}};
     std::cout << doc.dump(2) << std::endl;
