@@ -12,9 +12,12 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	touch $@
 
 # libncnn for the C++ runner (ncnn-cpp backend, bundles), built from ncnn's sdist on PyPI into
-# ${DEPLOYTOOL_CACHE:-~/.cache/deploytool}/ncnn-<version> once (~13 min on 2 cores), then reused.
+# ${DEPLOYTOOL_CACHE:-~/.cache/deploytool}/ncnn-<version> once (~13 min on 2 cores), then reused;
+# and cross-built for aarch64 (ncnn-cpp@aarch64 under qemu-aarch64, bundles for boards) into
+# ncnn-<version>-aarch64 (~3 min).
 ncnn: setup
 	PYTHON=$(BIN)/python bash scripts/build_ncnn.sh
+	ARCH=aarch64 PYTHON=$(BIN)/python bash scripts/build_ncnn.sh
 
 demo: setup
 	$(BIN)/deploytool run resnet18 --images images --out out/demo \
