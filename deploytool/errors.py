@@ -41,3 +41,10 @@ class BackendUnavailable(DeployError):
     """A required backend or tool is not installed or has no device (exit 4)."""
 
     exit_code = 4
+
+
+class RemoteDeployError(DeployError):
+    """A step of `deploytool deploy` on a board failed: connecting, copying, building or running the
+    runner there (exit 3)."""
+
+    exit_code = 3
