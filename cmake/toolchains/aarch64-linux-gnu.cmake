@@ -1,9 +1,16 @@
 # Cross-compiling for 64-bit ARM Linux boards (Raspberry Pi 4/5, Jetson, RK3588, ...) from x86_64.
-# Documented, not tested in CI. See ../README.md ("Cross-compiling").
+# See ../README.md ("Cross-compiling"). Host packages (Debian/Ubuntu): apt-get install g++-aarch64-linux-gnu
 #
-# Host packages (Debian/Ubuntu):  apt-get install g++-aarch64-linux-gnu
-# The target's libraries (ncnn built with this same file, OpenCV for arm64, nlohmann-json headers)
-# live in a sysroot: a copy of the board's / (rsync) or a Debian arm64 chroot (debootstrap --arch=arm64).
+# Without a sysroot (what deploytool builds and tests under qemu-aarch64): libncnn cross-built with
+# this file and -DNCNN_SIMPLEOCV=ON (`ARCH=aarch64 scripts/build_ncnn.sh`), the host's header-only
+# nlohmann-json, and one static executable that needs nothing on the board:
+#
+#   cmake -S cmake -B build/aarch64 -DCMAKE_BUILD_TYPE=Release \
+#         -DCMAKE_TOOLCHAIN_FILE=cmake/toolchains/aarch64-linux-gnu.cmake \
+#         -DDEPLOYTOOL_IMAGE_DECODER=simpleocv -DDEPLOYTOOL_STATIC=ON \
+#         -Dncnn_DIR=$HOME/.cache/deploytool/ncnn-<version>-aarch64/lib/cmake/ncnn
+#
+# With a sysroot (a copy of the board's / or a Debian arm64 chroot with OpenCV and nlohmann-json):
 #
 #   cmake -S cmake -B build/aarch64 \
 #         -DCMAKE_TOOLCHAIN_FILE=cmake/toolchains/aarch64-linux-gnu.cmake \
