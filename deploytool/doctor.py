@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 
@@ -14,7 +15,7 @@ class Fact:
 
 def facts() -> list[Fact]:
     """One line per tool and per registered backend; `ok` is False where something is missing."""
-    from .backends import BACKENDS
+    from .backends import BACKENDS, get_backend
     from .backends.ncnn_runner import vulkan_device_name
     from .convert import find_onnx2ncnn, find_pnnx
     from .pipeline import versions
@@ -43,7 +44,14 @@ def facts() -> list[Fact]:
             bool(libncnn),
         )
     )
-    for backend in BACKENDS.values():
+    for tool, why in (
+        ("aarch64-linux-gnu-g++", "ncnn-cpp@aarch64, bundle --target aarch64 (g++-aarch64-linux-gnu)"),
+        ("qemu-aarch64", "ncnn-cpp@aarch64: the aarch64 runner under emulation (qemu-user)"),
+        ("ssh", "deploy, ncnn-cpp@ssh:HOST (openssh-client)"),
+    ):
+        found = shutil.which(tool)
+        out.append(Fact(tool, found or f"missing (for {why})", found is not None))
+    for backend in [*BACKENDS.values(), get_backend("ncnn-cpp@aarch64")]:
         ok, reason = backend.available()
         precisions = f" [{'/'.join(backend.precisions)}]" if backend.takes_precision else ""
         text = f"available{precisions}: {backend.description}" if ok else f"unavailable: {reason}"

@@ -265,6 +265,22 @@ def judge_backend(
     return Verdict(backend, reference, judged, comparisons, task, histograms, decoded)
 
 
+# ---------------------------------------------------------------- a runner's own image path
+
+# The C++ runner decodes and preprocesses photos itself. Its input tensor is held to Python's by the
+# mean difference in 0..255 pixel levels: where it decodes JPEG with the same library (OpenCV) the two
+# agree to rounding; another decoder (stb_image on a board) moves pixels by about a level; a swapped
+# channel order or a wrong mean moves them by tens.
+IMAGE_PATH_MEAN_LEVELS = {"same decoder": 0.05, "other decoder": 2.0}
+
+
+def judge_image_path(seen: dict) -> dict:
+    """`seen` (a runner's extra()["image_path"]) with its verdict: `limit_mean_levels` and `passed`."""
+    same = seen["decoder"] == seen["host_decoder"]
+    limit = IMAGE_PATH_MEAN_LEVELS["same decoder" if same else "other decoder"]
+    return dict(seen, limit_mean_levels=limit, passed=bool(seen["input_mean_levels"] <= limit))
+
+
 # ---------------------------------------------------------------- budgets
 
 # Budget keys are the report's metric names; the short forms are accepted on the command line.

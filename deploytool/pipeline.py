@@ -342,6 +342,9 @@ def judge_run(
 ) -> RunReport:  # fmt: skip
     """Judge every backend against the reference and build the report."""
     backends = dict(results)
+    for info in results.values():
+        if "image_path" in info.extra:
+            info.extra["image_path"] = judge.judge_image_path(info.extra["image_path"])
     for name, (ok, reason) in (found or {}).items():
         if not ok:
             backends[name] = BackendResult(name, available=False, reason=reason)

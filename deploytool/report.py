@@ -79,9 +79,8 @@ def console_summary(report: RunReport, console: Console) -> None:
             console.print(
                 f"  {name}{dev}: {info.latency_ms_median:.2f} ms per inference ({info.latency_method})"
             )
-            pre = info.extra.get("preprocess_max_abs")
-            if pre is not None:
-                console.print(f"  {name}: its own preprocessing vs Python's: max_abs {fmt(pre)}")
+            if "image_path" in info.extra:
+                console.print(f"  {name}: {_image_path(info.extra['image_path'])}", highlight=False)
             if "layers_on_device" in info.extra:
                 console.print(f"  {name}: {_placement(info.extra)}", highlight=False)
     if any(b.latency_ms_median is not None for b in report.backends.values()):
@@ -100,12 +99,32 @@ def console_summary(report: RunReport, console: Console) -> None:
         for what, names in (
             ("task checks", report.failed_tasks),
             ("layer-wise", report.failed_layerwise),
+            ("image path", report.failed_image_paths),
             ("backends", [b.name for b in report.failed_backends]),
         )
         if names
     )
     passed = sum(c.passed for c in report.comparisons)
     console.print(f"{verdict}: {passed}/{len(report.comparisons)} tensor checks passed{extra}")
+
+
+def _image_path(seen: dict) -> str:
+    """What the C++ runner's own photo decoding and preprocessing changed, apart from the network."""
+    outs = ", ".join(f"{k} max_abs {fmt(v)}" for k, v in seen["output_max_abs"].items())
+    decoder = seen["decoder"]
+    same = decoder == seen["host_decoder"]
+    versus = "" if same else f" vs {seen['host_decoder']}"
+    verdict = ""
+    if "passed" in seen:
+        verdict = "ok, " if seen["passed"] else "FAIL, "
+        verdict += f"mean {seen['input_mean_levels']:.3g} pixel levels, limit {seen['limit_mean_levels']:g}; "
+    text = (
+        f"its own preprocessing vs Python's ({decoder} decoder{versus}): {verdict}"
+        f"input max_abs {fmt(seen['input_max_abs'])}; outputs on the photo vs on Python's tensor: {outs}"
+    )
+    if same:
+        return text + " (the photo runs are judged)"
+    return text + " (the JPEG decoder's part; the tensor runs are judged, so it is not blamed on the model)"
 
 
 def _placement(extra: dict) -> str:
@@ -213,6 +232,12 @@ def write_junit(report: RunReport, path: Path | str) -> Path:
         case = ET.SubElement(suite, "testcase", classname=f"{report.model}.{b.name}", name="run")
         failures += 1
         ET.SubElement(case, "error", message=b.error)
+    for name, b in report.backends.items():
+        if "passed" in b.extra.get("image_path", {}):
+            case = ET.SubElement(suite, "testcase", classname=f"{report.model}.{name}", name="image_path")
+            if not b.extra["image_path"]["passed"]:
+                failures += 1
+                ET.SubElement(case, "failure", message=_image_path(b.extra["image_path"]))
     for name, first in report.first_failure.items():
         case = ET.SubElement(suite, "testcase", classname=f"{report.model}.layerwise", name=name)
         if first is not None:

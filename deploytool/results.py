@@ -186,7 +186,13 @@ class RunReport:
             and all(c.passed for c in self.comparisons)
             and all(t.passed for t in self.task.values())
             and all(f is None for f in self.first_failure.values())
+            and not self.failed_image_paths
         )
+
+    @property
+    def failed_image_paths(self) -> list[str]:
+        """Backends whose own photo decoding and preprocessing strayed from Python's (judge_image_path)."""
+        return [n for n, b in self.backends.items() if b.extra.get("image_path", {}).get("passed") is False]
 
     @property
     def failed_tasks(self) -> list[str]:

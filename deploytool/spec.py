@@ -78,9 +78,11 @@ class ModelSpec:
 
     def tolerance(self, backend: str, precision: str = "fp32", output: str | None = None) -> Tolerance:
         """The most specific tolerance: backend+precision, then the precision mode alone (`fp16`, `bf16`),
-        then backend, then default; each first for `output` (`[tolerance.KEY.outputs.NAME]`)."""
-        keys = [f"{backend}-{precision}", precision] if precision != "fp32" else []
-        keys += [backend, "default"]
+        then backend, then default; each first for `output` (`[tolerance.KEY.outputs.NAME]`). A backend
+        on a target falls back to the names it refines: ncnn-cpp@aarch64:max, ncnn-cpp@aarch64, ncnn-cpp."""
+        lineage = _backend_lineage(backend)
+        keys = [*(f"{b}-{precision}" for b in lineage), precision] if precision != "fp32" else []
+        keys += [*lineage, "default"]
         for key in keys:
             for k in ([f"{key}/{output}"] if output else []) + [key]:
                 if k in self.tolerances:
@@ -274,13 +276,47 @@ def _tolerance(table: dict[str, Any], where: str) -> Tolerance:
     )
 
 
+def _backend_lineage(backend: str) -> list[str]:
+    from .backends.registry import get_backend
+
+    try:
+        return get_backend(backend).lineage()
+    except SpecError:  # not a backend name: looked up as it is
+        return [backend]
+
+
 def tolerance_keys() -> list[str]:
     """The keys a [tolerance.KEY] table may have: default, a precision (fp16, bf16), a backend, or
-    BACKEND-PRECISION (backends and precisions from the backend registry)."""
+    BACKEND-PRECISION (backends and precisions from the backend registry). A backend that runs on
+    targets also takes BACKEND@TARGET (`ncnn-cpp@aarch64`, `ncnn-cpp@aarch64:max`, `ncnn-cpp@ssh`);
+    _tolerance_key_ok checks those."""
     from .backends.registry import BACKENDS, NCNN_PRECISIONS
 
     precisions = [p for p in NCNN_PRECISIONS if p != "fp32"]
     return ["default", *precisions, *BACKENDS, *(f"{b}-{p}" for b in BACKENDS for p in precisions)]
+
+
+def _tolerance_key_ok(key: str, allowed: list[str]) -> bool:
+    """A listed key, or BACKEND@TARGET[-PRECISION] for a backend that runs on targets."""
+    from .backends.registry import BACKENDS, NCNN_PRECISIONS
+
+    if key in allowed:
+        return True
+    base, at, target = key.partition("@")
+    for p in NCNN_PRECISIONS:
+        if target.endswith(f"-{p}"):
+            target = target[: -len(p) - 1]
+    if not at or base not in BACKENDS or not BACKENDS[base].targets:
+        return False
+    if target == "ssh":
+        return True
+    from .targets import check_target
+
+    try:
+        check_target(target)
+    except SpecError:
+        return False
+    return True
 
 
 def _tolerances(data: dict[str, Any], outputs: list[str], source: str) -> dict[str, Tolerance]:
@@ -288,7 +324,7 @@ def _tolerances(data: dict[str, Any], outputs: list[str], source: str) -> dict[s
     allowed = tolerance_keys()
     for key, tol in _table(data, "tolerance", f"{source}: tolerance").items():
         where = f"{source}: tolerance.{key}"
-        if key not in allowed:
+        if not _tolerance_key_ok(key, allowed):
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise SpecError(

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything deploytool needs: Debian's Vulkan loader + Mesa's software driver, and .venv.
+# Set up everything deploytool needs: Debian's Vulkan loader + Mesa's software driver, the SSH client
+# (deploy, ncnn-cpp@ssh) and server (the test suite's own board on 127.0.0.1), and .venv.
+# The C++ runner's packages (compilers, cmake, OpenCV, qemu-user) come with scripts/build_ncnn.sh.
 # Idempotent; `make setup` runs it when pyproject.toml or this script changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-SYSTEM_PACKAGES="libvulkan1 mesa-vulkan-drivers"
+SYSTEM_PACKAGES="libvulkan1 mesa-vulkan-drivers openssh-client openssh-server"
 
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
@@ -15,11 +17,11 @@ for pkg in $SYSTEM_PACKAGES; do
 done
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then
-        echo "setup: installing$missing (Vulkan loader and Mesa's software driver for ncnn-vulkan)"
+        echo "setup: installing$missing (Vulkan for ncnn-vulkan; ssh for deploy and the test board)"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
     else
-        echo "setup: Vulkan packages missing; ncnn-vulkan will be unavailable. Run as root:"
+        echo "setup: packages missing (ncnn-vulkan, deploy or the ssh tests will be unavailable). Run as root:"
         echo "    apt-get install -y$missing"
     fi
 fi

@@ -54,12 +54,12 @@ NOOPT = registry.Backend(
     "onnxruntime-noopt",
     "onnxruntime",
     _ort_noopt,
-    lambda cls, art, c: cls(art.onnx, c.threads, optimize=False),
+    lambda cls, b: cls(b.art.onnx, b.config.threads, optimize=False),
     needs=("onnx",),
     description="ONNX Runtime with graph optimisations off",
 )
 SHIFTED = dataclasses.replace(
-    NOOPT, name="ort-shifted", runner=_shifted, build=lambda cls, art, c: cls(art.onnx)
+    NOOPT, name="ort-shifted", runner=_shifted, build=lambda cls, b: cls(b.art.onnx)
 )
 
 
@@ -140,3 +140,44 @@ def test_tolerance_of_a_new_backend_falls_back_to_the_default(extra_backends):
     assert np.isclose(
         tolerance(spec, "ncnn-cpu", "fp32", fp16_weights=True).atol, spec.tolerance("ncnn-cpu", "fp16").atol
     )
+
+
+def test_a_backend_name_may_carry_a_target():
+    """runner x target: ncnn-cpp@TARGET is the declared ncnn-cpp on that target; tolerances and reports
+    fall back along its lineage; a target on a backend that has none, or an unknown target, is exit 2."""
+    b = registry.get_backend("ncnn-cpp@aarch64:max")
+    assert (b.name, b.base, b.target, b.family) == ("ncnn-cpp@aarch64:max", "ncnn-cpp", "aarch64:max", "ncnn")
+    assert b.lineage() == ["ncnn-cpp@aarch64:max", "ncnn-cpp@aarch64", "ncnn-cpp"]
+    assert registry.get_backend("ncnn-cpp@aarch64").lineage() == ["ncnn-cpp@aarch64", "ncnn-cpp"]
+    assert registry.get_backend("ncnn-cpp").lineage() == ["ncnn-cpp"]
+    ssh = registry.get_backend("ncnn-cpp@ssh:pi@board.local:2222:models/r18")
+    assert ssh.lineage() == ["ncnn-cpp@ssh:pi@board.local:2222:models/r18", "ncnn-cpp@ssh", "ncnn-cpp"]
+    assert registry.parse_backends("torch,ncnn-cpp@aarch64,ncnn-cpp@aarch64:max") == [
+        "torch", "ncnn-cpp@aarch64", "ncnn-cpp@aarch64:max"
+    ]  # fmt: skip
+    with pytest.raises(SpecError, match="runs only here"):
+        registry.get_backend("ncnn-cpu@aarch64")
+    with pytest.raises(SpecError, match="unknown target 'riscv64'"):
+        registry.get_backend("ncnn-cpp@riscv64")
+    with pytest.raises(SpecError, match="unknown target"):
+        registry.get_backend("ncnn-cpp@aarch64:")
+    with pytest.raises(SpecError, match="did you mean 'ncnn-cpp'"):
+        registry.get_backend("ncnn-cxx@aarch64")
+
+
+def test_a_target_tolerance_falls_back_along_the_lineage(tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text(
+        'name = "t"\ntask = "classify"\nfactory = "test_registry:tiny"\n[input]\nshape = [1, 3, 8, 8]\n'
+        '[tolerance."ncnn-cpp@aarch64-fp16"]\natol = 0.03\nrtol = 0.01\n'
+        '[tolerance."ncnn-cpp@aarch64:max"]\natol = 2e-5\nrtol = 1e-5\n'
+    )
+    spec = load_spec(str(toml))
+    assert spec.tolerance("ncnn-cpp@aarch64:max", "fp16").atol == 0.03  # BACKEND@KIND-PRECISION
+    assert spec.tolerance("ncnn-cpp@aarch64:max", "fp32").atol == 2e-5  # the exact name
+    assert spec.tolerance("ncnn-cpp@aarch64", "fp32").atol == 1e-4  # nothing for it: the default
+    assert spec.tolerance("ncnn-cpp@ssh:pi@b", "fp16").atol != 0.03  # a board is not the emulator
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml.read_text().replace("aarch64:max", "venus"))
+    with pytest.raises(SpecError, match="unknown backend or precision 'ncnn-cpp@venus'"):
+        load_spec(str(bad))

@@ -1,12 +1,14 @@
 """Every backend, declared once: its family, the precisions it takes, the files it needs, how its
 Runner is built from a run's artifacts. Listing, validation, help, doctor, run, parity and bench all
-derive from BACKENDS."""
+derive from BACKENDS. A backend declared with `targets=True` is a runner that can execute elsewhere:
+its name may carry a target after '@' (`ncnn-cpp@aarch64:max`, `ncnn-cpp@ssh:pi@board`), see
+deploytool/targets."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BackendUnavailable, SpecError
@@ -42,22 +44,56 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class Built:
+    """What a Backend's `build` gets besides the Runner class: the artifacts, the run's config, and the
+    target the backend's name carries (None without '@')."""
+
+    art: Artifacts
+    config: RunnerConfig
+    target: object = None  # a targets.base.Target
+
+
+@dataclass(frozen=True)
 class Backend:
     """One backend's declaration."""
 
     name: str
     family: str  # torch | onnxruntime | ncnn: who wrote the kernels
     runner: Callable[[], type[Runner]]  # the Runner class, imported on first use
-    build: Callable[[type[Runner], Artifacts, RunnerConfig], Runner]
+    build: Callable[[type[Runner], Built], Runner]
     needs: tuple[str, ...]  # Artifacts fields that must be set
     description: str
     precisions: tuple[str, ...] = ("fp32",)  # ncnn precision modes it takes (--ncnn-precision)
     default: bool = False  # in `run`'s default --backends
     bench: bool = False  # timed by `bench`
     library: str = ""  # module imported before a bench worker's baseline memory reading
+    targets: bool = False  # the name may carry '@TARGET': where the runner executes
+    target: str = ""  # this backend's target (what follows '@'; '' for the declared one)
 
     def available(self) -> tuple[bool, str | None]:
-        return self.runner().available()
+        ok, reason = self.runner().available()
+        if ok and self.targets:
+            ok, reason = self.make_target().available()
+        return ok, reason
+
+    def make_target(self):
+        """The targets.base.Target this backend's runner executes on."""
+        from ..targets import make_target
+
+        return make_target(self.target)
+
+    @property
+    def base(self) -> str:
+        """The declared backend's name, without '@TARGET'."""
+        return self.name.split("@", 1)[0]
+
+    def lineage(self) -> list[str]:
+        """This name, then the names it refines, most specific first: ncnn-cpp@aarch64:max ->
+        [ncnn-cpp@aarch64:max, ncnn-cpp@aarch64, ncnn-cpp] (tolerances fall back along it)."""
+        if not self.target:
+            return [self.name]
+        kind = self.target.split(":", 1)[0]
+        return list(dict.fromkeys([self.name, f"{self.base}@{kind}", self.base]))
 
     @property
     def takes_precision(self) -> bool:
@@ -72,7 +108,8 @@ class Backend:
         missing = self.missing(art)
         if missing:
             raise SpecError(f"backend {self.name} needs {', '.join(missing)}, which this run does not have")
-        runner = self.build(self.runner(), art, config)
+        target = self.make_target() if self.targets else None
+        runner = self.build(self.runner(), Built(art, config, target))
         runner.name = self.name  # one Runner class may serve several declared backends
         return runner
 
@@ -113,9 +150,10 @@ def _ncnn_cpp():
     return NcnnCppRunner
 
 
-def _ncnn(cls, art: Artifacts, c: RunnerConfig) -> Runner:
-    options = (art.meta or {}).get("ncnn_options")  # from bench --tune; the runner checks them
-    return cls(art.ncnn_param, art.ncnn_bin, precision=c.precision, threads=c.threads, options=options)
+def _ncnn(cls, b: Built) -> Runner:
+    options = (b.art.meta or {}).get("ncnn_options")  # from bench --tune; the runner checks them
+    c = b.config
+    return cls(b.art.ncnn_param, b.art.ncnn_bin, precision=c.precision, threads=c.threads, options=options)
 
 
 NCNN_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -124,18 +162,20 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend(
             "torch", "torch", _torch,
-            lambda cls, art, c: cls(art.model, list(c.input_names), list(c.output_names), c.threads),
+            lambda cls, b: cls(b.art.model, list(b.config.input_names), list(b.config.output_names),
+                               b.config.threads),
             needs=("model",), description="PyTorch eager, the reference", default=True, bench=True,
             library="torch",
         ),
         Backend(
             "torchscript", "torch", _torchscript,
-            lambda cls, art, c: cls(art.torchscript, list(c.input_names), list(c.output_names), c.threads),
+            lambda cls, b: cls(b.art.torchscript, list(b.config.input_names), list(b.config.output_names),
+                               b.config.threads),
             needs=("torchscript",), description="the traced TorchScript file pnnx reads", bench=True,
             library="torch",
         ),
         Backend(
-            "onnxruntime", "onnxruntime", _ort, lambda cls, art, c: cls(art.onnx, c.threads),
+            "onnxruntime", "onnxruntime", _ort, lambda cls, b: cls(b.art.onnx, b.config.threads),
             needs=("onnx",), description="ONNX Runtime, CPU execution provider", default=True, bench=True,
             library="onnxruntime",
         ),
@@ -151,21 +191,38 @@ BACKENDS: dict[str, Backend] = {
         ),
         Backend(
             "ncnn-cpp", "ncnn", _ncnn_cpp,
-            lambda cls, art, c: cls(art.ncnn_param, art.ncnn_bin, art.meta, c.threads),
-            needs=("ncnn_param", "ncnn_bin", "meta"),
-            description="the bundle's C++ runner (libncnn, fp32 CPU, its own image preprocessing)",
+            lambda cls, b: cls(b.art.ncnn_param, b.art.ncnn_bin, b.art.meta, b.config.threads,
+                               precision=b.config.precision, target=b.target),
+            needs=("ncnn_param", "ncnn_bin", "meta"), precisions=("fp32", "fp16", "int8"), targets=True,
+            description="the bundle's C++ runner (libncnn CPU, its own image decoding and preprocessing); "
+            "@aarch64[:CPU] cross-built and run under qemu-aarch64, @ssh:[user@]host[:port][:DIR] on a board",
         ),
     )
 }  # fmt: skip
 
 
 def get_backend(name: str) -> Backend:
-    """The declaration of `name`; an unknown name is the user's error, with a 'did you mean'."""
-    if name not in BACKENDS:
-        close = difflib.get_close_matches(name, list(BACKENDS), n=1)
+    """The declaration of `name`, or for `BASE@TARGET` the declared BASE on that target (the target's
+    text is checked here); an unknown name is the user's error, with a 'did you mean'."""
+    base, at, target = name.partition("@")
+    if base not in BACKENDS:
+        likely = [b.name for b in BACKENDS.values() if b.targets or not at]  # '@' only fits these
+        close = difflib.get_close_matches(base, likely, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise SpecError(f"unknown backend {name!r}; {hint}choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name]
+        raise SpecError(f"unknown backend {base!r}; {hint}choose from {', '.join(BACKENDS)}")
+    backend = BACKENDS[base]
+    if not at:
+        return backend
+    if not backend.targets:
+        with_targets = [b.name for b in BACKENDS.values() if b.targets]
+        raise SpecError(
+            f"backend {base} runs only here, not on a target ({name!r}); "
+            f"targets are for {', '.join(with_targets)}"
+        )
+    from ..targets import check_target
+
+    check_target(target)
+    return replace(backend, name=name, target=target)
 
 
 def default_backends() -> list[str]:
