@@ -302,3 +302,43 @@ def test_qemu_target_names_its_cpu_and_refuses_an_unknown_one():
     assert "max" in QemuTarget("max").describe() and QemuTarget("max").emulated
     with pytest.raises(SpecError, match="did you mean 'cortex-a72'"):
         QemuTarget("cortex_a72").available()
+
+
+def test_local_session_puts_runs_fetches_and_cleans_up(tmp_path):
+    """LocalSession with /bin/sh as the 'runner': files land in the work folder (a second put of a name
+    replaces it), the command runs there, failures name the stage and the log."""
+    from deploytool.errors import BackendError
+    from deploytool.targets.local import LocalSession
+
+    src = tmp_path / "a.txt"
+    src.write_text("one")
+    with LocalSession(Path("/bin/sh"), stage="ncnn-cpp@test") as s:
+        s.put(src, "in.txt")
+        other = tmp_path / "b.txt"
+        other.write_text("two")
+        path = s.put(other, "in.txt")
+        assert Path(path).read_text() == "two" and src.read_text() == "one"
+        out = s.run(["-c", "mkdir out && cp in.txt out/copy.txt && echo ran"], tmp_path / "run.log")
+        assert out == "ran\n" and (s.fetch("out", tmp_path / "out") / "copy.txt").read_text() == "two"
+        with pytest.raises(BackendError, match=r"ncnn-cpp@test: .*exited with code 3.*run2.log"):
+            s.run(["-c", "echo broken >&2; exit 3"], tmp_path / "run2.log")
+        with pytest.raises(BackendError, match="wrote no missing/"):
+            s.fetch("missing", tmp_path / "m")
+        with pytest.raises(ValueError):
+            s.put(src, "../escape.txt")
+        work = s.work
+    assert not work.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.cpp
+def test_the_x86_runner_decodes_with_opencv_like_the_host(arm, tmp_path):
+    """The baseline that makes the aarch64 difference the decoder's: x86's runner (OpenCV, the same
+    ncnn resize) gives the host's tensor to rounding."""
+    from deploytool.targets.local import LocalTarget
+
+    stem, feed = next(iter(arm.feeds.items()))
+    doc, arrays = run_on(LocalTarget(), arm.fp32, [REPO / "images" / f"{stem}.jpg"], tmp_path)
+    assert doc["image_decoder"] == "opencv"
+    most, _ = _levels(arrays[f"{stem}.input"], np.load(feed), arm.fp32.meta)
+    assert most < 1e-3
