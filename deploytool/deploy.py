@@ -14,6 +14,7 @@ On the board afterwards: DIR holds the bundle's files, `bin/deploytool_runner` a
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 import tempfile
 import time
@@ -63,7 +64,7 @@ class DeployResult:
 
     def lines(self) -> list[str]:
         how = "installed the bundle's cross-built runner" if self.runner == "cross" else "built the runner"
-        board = f"{self.arch}{' (emulated)' if self.emulated else ''}"
+        board = f"{self.arch}{', emulated' if self.emulated else ''}"
         head = f"deployed to {self.host}:{self.dir} ({board}): {how}"
         head += ", replaced the earlier deploy" if self.replaced else ""
         steps = [f"  {name}: {seconds:.1f} s" for name, seconds in self.steps]
@@ -184,7 +185,7 @@ def deploy(
                 f"deploy to {d.host}: preparing a folder beside {d.dir}",
                 'mkdir -p "$(dirname "$1")" && s=$(mktemp -d "$1.tmp-XXXXXX") && cd "$s" && pwd -P',
                 [d.dir],
-                where=f"{d.dir}/..",
+                where=posixpath.dirname(d.dir) or "~",
             ).strip(),
         )
         new = f"{stage}/new"

@@ -35,10 +35,18 @@ def board_env(request, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, arm_runner) -> tuple[Path, Path]:
+def plain_bundle(tmp_path_factory) -> Path:
+    """A bundle without a cross-built runner."""
+    return sshd.tiny_bundle(tmp_path_factory.mktemp("plain"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def bundles(plain_bundle, tmp_path_factory, arm_runner) -> tuple[Path, Path]:
     """Two bundles of different weights, both with the cross-built aarch64 runner."""
     d = tmp_path_factory.mktemp("bundles")
-    return sshd.tiny_bundle(d, arm_runner, seed=0), sshd.tiny_bundle(d, arm_runner, seed=1)
+    first = shutil.copytree(plain_bundle, d / "first")
+    sshd.add_runner(first, arm_runner)
+    return first, sshd.tiny_bundle(d, arm_runner, seed=1)
 
 
 def _earlier_deploy(board, name: str) -> Path:
@@ -61,6 +69,7 @@ def _fails(exc_type, fn, *words: str) -> str:
     with pytest.raises(exc_type) as info:
         fn()
     msg = str(info.value)
+    print(f"exit {info.value.exit_code}: {msg}")  # the line a user sees (pytest -s)
     assert "\n" not in msg, msg
     for w in words:
         assert w in msg, f"{w!r} not in: {msg}"
@@ -72,6 +81,7 @@ def test_cross_deploy_installs_the_bundles_runner_and_redeploy_replaces_it(arm_b
     first, second = bundles
     app = arm_board.space / "app"
     res = deploy(first, arm_board.dest(app))
+    print(*res.lines(), sep="\n")
     assert (res.runner, res.arch, res.emulated, res.replaced, res.dir) == (
         "cross",
         "aarch64",
@@ -118,13 +128,14 @@ def x86_board():
 
 
 @pytest.mark.slow
-def test_native_build_on_an_x86_board(x86_board, tmp_path):
-    bundle = sshd.tiny_bundle(tmp_path)  # no bin/x86_64 runner: auto builds on the board
+def test_native_build_on_an_x86_board(x86_board, plain_bundle, tmp_path):
+    bundle = plain_bundle  # no bin/x86_64 runner: auto builds on the board
     ncnn = x86_board.root / "ncnn"  # the board's own libncnn (the user's cache is not the board user's)
     shutil.copytree(ncnn_cmake_dir().parents[2], ncnn, symlinks=True)
     x86_board.own(ncnn)
     app = x86_board.space / "native"
     res = deploy(bundle, x86_board.dest(app), ncnn_dir=str(ncnn / "lib" / "cmake" / "ncnn"))
+    print(*res.lines(), sep="\n")
     assert (res.runner, res.arch, res.emulated) == ("native", "x86_64", False)
     assert "build runner" in dict(res.steps)
     out = subprocess.run(["file", str(app / "bin" / "deploytool_runner")], capture_output=True, text=True)
@@ -138,8 +149,8 @@ def bare_board():
     yield from sshd.running_board("bare", minimal_path=True)
 
 
-def test_missing_compiler_on_the_board(bare_board, tmp_path):
-    bundle = sshd.tiny_bundle(tmp_path)
+def test_missing_compiler_on_the_board(bare_board, plain_bundle):
+    bundle = plain_bundle
     app = _earlier_deploy(bare_board, "app")
     before = sshd.snapshot(app)
     msg = _fails(RemoteDeployError, lambda: deploy(bundle, bare_board.dest(app), ncnn_dir="/nowhere"),
@@ -220,7 +231,9 @@ def test_connection_dropped_mid_copy(arm_board, bundles):
     assert sshd.snapshot(app) == before and _leftovers(arm_board) == []
 
 
-def test_foreign_folder_bad_bundle_and_missing_cross_runner_are_user_errors(arm_board, bundles, tmp_path):
+def test_foreign_folder_bad_bundle_and_missing_cross_runner_are_user_errors(
+    arm_board, bundles, plain_bundle, tmp_path
+):
     foreign = arm_board.space / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -230,7 +243,7 @@ def test_foreign_folder_bad_bundle_and_missing_cross_runner_are_user_errors(arm_
     _fails(
         SpecError, lambda: deploy(tmp_path, arm_board.dest(arm_board.space / "y")), "not a deploytool bundle"
     )
-    plain = sshd.tiny_bundle(tmp_path / "plain")
+    plain = plain_bundle
     _fails(SpecError, lambda: deploy(plain, arm_board.dest(arm_board.space / "y"), build="cross"),
            "no runner for the board's aarch64", "--target aarch64")  # fmt: skip
     _fails(SpecError, lambda: deploy(plain, arm_board.name), "name the folder on the board")

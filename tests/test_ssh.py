@@ -122,6 +122,7 @@ def _local_runner(bundle, x_path, dump) -> dict:
 ATOL = 1e-5
 
 
+@pytest.mark.cpp  # the local x86 runner is the reference
 def test_session_runs_the_deployed_runner_and_matches_the_local_runner(deployed, arm_board, tmp_path):
     dest, bundle = deployed
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BackendError, BackendUnavailable, DeployError, SpecError
-from ..tools import last_line, run_tool
+from ..tools import exit_description, last_line, run_tool
 from .base import Session, Target
 from .build import RUNNER_EXE
 
@@ -171,10 +171,6 @@ def _stderr_of(log: Path) -> str:
     return text.split("\n", 1)[1] if text.startswith("$ ") and "\n" in text else text
 
 
-_SIGNALS = {1: "SIGHUP", 2: "SIGINT", 4: "SIGILL", 6: "SIGABRT", 7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL",
-            11: "SIGSEGV", 13: "SIGPIPE", 15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ"}  # fmt: skip
-
-
 def classify(stderr: str, dest: Destination, status: int | None, where: str) -> str:
     """The cause of a failed ssh/scp call in words. `status` is the remote script's exit status when it
     ran on the board (None: ssh never got there or lost its connection); `where` names the folder being
@@ -231,8 +227,8 @@ def classify(stderr: str, dest: Destination, status: int | None, where: str) -> 
         return f"no permission to write at {where} on the board ({line})"
     tail = last_line(_STATUS_LINE.sub("", s))
     if status is not None:
-        code = f"was killed by {_SIGNALS.get(status - 128, f'signal {status - 128}')}" if status > 128 else (
-            f"exited with code {status}")  # fmt: skip
+        # sh reports a child that a signal ended as 128 + the signal's number
+        code = exit_description(128 - status if status > 128 else status)
         return f"the command on the board {code}" + (f" (last line: {tail})" if tail else "")
     return "ssh failed" + (f" ({tail})" if tail else "")
 
@@ -253,11 +249,16 @@ class SshLink:
         slug = re.sub(r"[^a-z0-9]+", "-", step.lower()).strip("-")[:40]
         return self.logs / f"{self.calls:02d}-{slug}.log"
 
-    def _fail(self, step: str, log: Path, where: str) -> DeployError:
-        stderr = _stderr_of(log)
-        m = _STATUS_LINE.findall(stderr)
-        status = int(m[-1]) if m else None
-        return self.error(f"{step}: {classify(stderr, self.dest, status, where)}; log: {log}")
+    def _call(self, cmd: list[str], step: str, log: Path, timeout: float, where: str, capture: bool):
+        try:
+            return run_tool(cmd, log, step, timeout=timeout, error=self.error, capture_stdout=capture)
+        except DeployError as exc:
+            if "timed out after" in str(exc) or "could not start" in str(exc):
+                raise  # run_tool's own line says it all
+            stderr = _stderr_of(log)
+            status = _STATUS_LINE.findall(stderr)
+            cause = classify(stderr, self.dest, int(status[-1]) if status else None, where)
+            raise self.error(f"{step}: {cause}; log: {log}") from None
 
     def sh(
         self,
@@ -274,24 +275,15 @@ class SshLink:
         cmd = ["ssh", *ssh_options(self.dest, self.connect_timeout)]
         cmd += [*(["-p", str(self.dest.port)] if self.dest.port else []), "--", self.dest.login, remote]
         log = log or self._log(step)
-        try:
-            ran = run_tool(cmd, log, step, timeout=timeout, error=self.error, capture_stdout=True)
-        except DeployError as exc:
-            if "timed out after" in str(exc) or "could not start" in str(exc):
-                raise
-            raise self._fail(step, log, where or self.dest.dir or "~") from None
+        ran = self._call(cmd, step, log, timeout, where or self.dest.dir or "~", capture=True)
         return ran.stdout or ""
 
     def _scp(self, step: str, sources: list[str], target: str, timeout: float, where: str) -> None:
+        # -O: the original scp protocol, whose errors carry the board's errno text ("No space left on
+        # device"); over SFTP (scp's default since OpenSSH 9.0) a full disk reads "Failure".
         cmd = ["scp", "-O", "-r", *ssh_options(self.dest, self.connect_timeout)]
         cmd += [*(["-P", str(self.dest.port)] if self.dest.port else []), "--", *sources, target]
-        log = self._log(step)
-        try:
-            run_tool(cmd, log, step, timeout=timeout, error=self.error)
-        except DeployError as exc:
-            if "timed out after" in str(exc) or "could not start" in str(exc):
-                raise
-            raise self._fail(step, log, where) from None
+        self._call(cmd, step, self._log(step), timeout, where, capture=False)
 
     def put(self, step: str, local: Path, remote: str, timeout: float = 600.0) -> None:
         """Copy the local file or folder `local` to the board as `remote` (which must not exist for a
