@@ -64,10 +64,10 @@ def board_account() -> pwd.struct_passwd:
     if os.geteuid() != 0:
         return pwd.getpwuid(os.geteuid())
     if not _user_exists(BOARD_USER):
-        subprocess.run(
-            ["useradd", "--system", "--create-home", "--shell", "/bin/sh", BOARD_USER],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+        made = subprocess.run(["useradd", "--system", "--create-home", "--shell", "/bin/sh", BOARD_USER],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        if made.returncode != 0 and not _user_exists(BOARD_USER):  # else: a parallel worker made it
+            raise RuntimeError(f"useradd {BOARD_USER} failed: {made.stderr.strip()}")
     return pwd.getpwnam(BOARD_USER)
 
 
