@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import MARKER, _DamagedMarker, read_marker
+from .bundle import MARKER, _DamagedMarker, read_marker, runner_path
 from .errors import BackendUnavailable, DeployError, RemoteDeployError, SpecError
-from .targets.build import RUNNER_EXE, ncnn_wheel_version
+from .targets.build import RUNNER_EXE, build_commands, ncnn_wheel_version
 from .targets.ssh import (
     RUNNER_REL,
     SshLink,
@@ -36,17 +36,9 @@ from .targets.ssh import (
 )
 
 BUILDS = ("auto", "cross", "native")
-# The bundle README's native build (bundle._readme), run in the bundle folder; a test holds them equal.
-NATIVE_CONFIGURE = "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -Dncnn_DIR={ncnn_dir}"
-NATIVE_BUILD = 'cmake --build build -j"$(nproc)"'
 COPY_TIMEOUT_S = 900.0
 BUILD_TIMEOUT_S = 3600.0  # a runner build on a small board
 SMOKE_TIMEOUT_S = 600.0  # loading the model and one inference, maybe under an emulator
-
-
-def cross_runner(arch: str) -> str:
-    """Where a bundle holds its runner cross-built for `arch`."""
-    return f"bin/{arch}/{RUNNER_EXE}"
 
 
 @dataclass(frozen=True)
@@ -71,10 +63,16 @@ class DeployResult:
         return [head, *steps, f"run it with --backends ncnn-cpp@ssh:{self.destination}"]
 
 
+def native_commands(ncnn_dir: str) -> list[str]:
+    """The native build the bundle README gives (the board's own compiler, no cross options), as sh lines
+    run in the bundle folder."""
+    return [" ".join(cmd) for cmd in build_commands(".", "build", ncnn_dir, "x86_64", jobs='"$(nproc)"')]
+
+
 def _native_script(ncnn_version: str | None) -> str:
     """sh run in the new bundle folder ($1: ncnn_DIR, or empty for the board's deploytool cache)."""
     default = f"$HOME/.cache/deploytool/ncnn-{ncnn_version}/lib/cmake/ncnn" if ncnn_version else ""
-    configure = NATIVE_CONFIGURE.format(ncnn_dir='"$ncnn_dir"')
+    configure, build = native_commands('"$ncnn_dir"')
     return f"""
 ncnn_dir=${{1:-{default}}}
 command -v cmake >/dev/null || {{
@@ -84,7 +82,7 @@ command -v c++ >/dev/null || command -v g++ >/dev/null || {{
 [ -n "$ncnn_dir" ] && [ -f "$ncnn_dir/ncnnConfig.cmake" ] || {{
   echo "no libncnn for the board at ${{ncnn_dir:-(none)}}: build it there and give --ncnn-dir" >&2; exit 1; }}
 {configure} || exit 1
-{NATIVE_BUILD} || exit 1
+{build} || exit 1
 mkdir -p bin && cp build/{RUNNER_EXE} {RUNNER_REL}
 """
 
@@ -169,10 +167,10 @@ def deploy(
             f"--to {dest}: {d.dir} on the board is a folder deploytool did not deploy (it holds "
             f"{facts.get('holds', '').strip()}); choose another folder or empty it"
         )
-    has_cross = (bundle / cross_runner(arch)).is_file()
+    has_cross = (bundle / runner_path(arch)).is_file()
     if build == "cross" and not has_cross:
         raise SpecError(
-            f"{bundle} has no runner for the board's {arch} ({cross_runner(arch)}); make the bundle with "
+            f"{bundle} has no runner for the board's {arch} ({runner_path(arch)}); make the bundle with "
             f"`deploytool bundle MODEL --target {arch}` or deploy with --build native"
         )
     how = "cross" if build == "cross" or (build == "auto" and has_cross) else "native"
@@ -193,7 +191,7 @@ def deploy(
                                               timeout=COPY_TIMEOUT_S))  # fmt: skip
         if how == "cross":
             script = (
-                f'cd "$1" && mkdir -p bin && cp {cross_runner(arch)} {RUNNER_REL} && chmod +x {RUNNER_REL}'
+                f'cd "$1" && mkdir -p bin && cp {runner_path(arch)} {RUNNER_REL} && chmod +x {RUNNER_REL}'
             )
             timed("install runner", lambda: link.sh(f"deploy to {d.host}: installing the runner", script,
                                                     [new], where=new))  # fmt: skip

@@ -289,13 +289,13 @@ def add_runner(bundle: Path, runner: Path, arch: str = "aarch64") -> None:
     """Put `runner` into the bundle as its cross-built runner for `arch` (listed in the marker)."""
     import json
 
-    from deploytool.bundle import MARKER
+    from deploytool.bundle import MARKER, runner_path
 
-    dest = bundle / "bin" / arch / "deploytool_runner"
+    dest = bundle / runner_path(arch)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(runner, dest)
     marker = json.loads((bundle / MARKER).read_text())
-    marker["files"] = sorted({*marker["files"], f"bin/{arch}/deploytool_runner"})
+    marker["files"] = sorted({*marker["files"], runner_path(arch)})
     (bundle / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
