@@ -87,10 +87,20 @@ MARKER = ".deploytool-bundle"
 MARKER_SCHEMA = 1
 
 
-def bundle_files(with_report: bool = True) -> list[str]:
+# `bundle --target`: x86_64 ships sources only (built on the board); aarch64 adds the cross-built,
+# statically linked runner, checked under qemu-aarch64 before it is written.
+TARGETS = ("x86_64", "aarch64")
+
+
+def runner_path(arch: str) -> str:
+    """Where a bundle keeps the runner cross-built for `arch`."""
+    return f"bin/{arch}/deploytool_runner"
+
+
+def bundle_files(with_report: bool = True, arches: tuple[str, ...] = ()) -> list[str]:
     """The files (relative, '/'-separated) of the bundle write_bundle writes, the marker excepted."""
     src = runner_source_dir()
-    names = {PARAM_NAME, BIN_NAME, "meta.json", "README.md"}
+    names = {PARAM_NAME, BIN_NAME, "meta.json", "README.md", *map(runner_path, arches)}
     names |= {f.relative_to(src).as_posix() for f in runner_source_files()}
     if with_report:
         names.add("report.json")
@@ -273,27 +283,37 @@ def _check_writable(shown: str, folder: Path) -> None:
         raise SpecError(f"{shown}: no permission to write in {folder}; choose a folder you can write to")
 
 
-def make_bundle(spec, opts, out_dir: Path, force: bool = False):
+def make_bundle(spec, opts, out_dir: Path, force: bool = False, target: str = "x86_64"):
     """Check the bundle folder (check_bundle_target, before any work), run the pipeline on torch,
     ncnn-cpu and (when libncnn is built) the C++ runner, write report.json into the run folder, and
-    only if parity passed write the bundle. Returns (report, bundle path or None when parity failed)."""
+    only if parity passed write the bundle. `target` aarch64 also checks the cross-built runner under
+    qemu-aarch64 (ncnn-cpp@aarch64, required) and puts it into the bundle. Returns (report, bundle
+    path or None when parity failed)."""
     from dataclasses import replace
 
     from .backends import availability
     from .pipeline import run
     from .report import write_json
+    from .targets.build import build_runner
 
     if spec.task not in TASKS:
         raise SpecError(f"{spec.name}: bundles need a classify or detect spec with image input")
+    if target not in TARGETS:
+        raise SpecError(f"bundle --target {target!r}: use one of {', '.join(TARGETS)}")
     check_bundle_target(out_dir, opts.out, force)
     backends = "torch,ncnn-cpu" + (",ncnn-cpp" if availability("ncnn-cpp")[0] else "")
+    if target == "aarch64":
+        backends += ",ncnn-cpp@aarch64"
     report = run(spec, replace(opts, backends=backends))
     report_path = write_json(report, Path(opts.out) / "report.json")
     if not report.passed:
         return report, None
     meta = json.loads((Path(opts.out) / "meta.json").read_text())
     param, bin_ = Path(report.artifacts["ncnn_param"]), Path(report.artifacts["ncnn_bin"])
-    return report, write_bundle(out_dir, param, bin_, meta, report_path, work=opts.out, force=force)
+    runners = {"aarch64": build_runner(arch="aarch64")} if target == "aarch64" else {}
+    return report, write_bundle(
+        out_dir, param, bin_, meta, report_path, work=opts.out, force=force, runners=runners
+    )
 
 
 def write_bundle(
@@ -305,11 +325,12 @@ def write_bundle(
     *,
     work: Path | None = None,
     force: bool = False,
+    runners: dict[str, Path] | None = None,
 ) -> Path:
     """Write the bundle folder after check_bundle_target's rules. It is built beside its place and
     renamed into it, so a new or replaced bundle appears complete or not at all; files in an earlier
-    bundle that deploytool did not write are kept. A MARKER listing the bundle's files is written
-    last."""
+    bundle that deploytool did not write are kept. `runners` ({arch: executable}) are cross-built
+    runners shipped at runner_path(arch). A MARKER listing the bundle's files is written last."""
     out_dir = Path(out_dir)
     param, bin = Path(param), Path(bin)
     for f in (param, bin):
@@ -340,9 +361,13 @@ def write_bundle(
             dest = tmp / f.relative_to(src_root)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
+        for arch, exe in (runners or {}).items():
+            dest = tmp / runner_path(arch)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(exe, dest)
         if report_path is not None:
             shutil.copyfile(report_path, tmp / "report.json")
-        (tmp / "README.md").write_text(_readme(meta, report_path is not None))
+        (tmp / "README.md").write_text(_readme(meta, report_path is not None, tuple(runners or ())))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         marker = {"schema": MARKER_SCHEMA, "deploytool": __version__, "files": written}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -415,12 +440,49 @@ def _replace_dir(
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _readme(meta: dict, has_report: bool) -> str:
+NCNN_DIR_PLACEHOLDER = {"x86_64": "/path/to/ncnn/install/lib/cmake/ncnn",
+                        "aarch64": "/path/to/ncnn-aarch64/lib/cmake/ncnn"}  # fmt: skip
+
+
+def readme_build_commands(arch: str) -> list[str]:
+    """The build commands a bundle's README gives for `arch` (x86_64: natively on the board; aarch64:
+    cross-compiling on an x86_64 host): targets.build.build_commands, which build_runner runs here and
+    `deploy --build native` runs on a board, with placeholders for the paths."""
+    from .targets.build import build_commands
+
+    build = "build" if arch == "x86_64" else f"build-{arch}"
+    cmds = build_commands(".", build, NCNN_DIR_PLACEHOLDER[arch], arch, jobs='"$(nproc)"')
+    return [" ".join(cmd) for cmd in cmds]
+
+
+def _readme(meta: dict, has_report: bool, arches: tuple[str, ...] = ()) -> str:
     model = meta.get("model", "model")
     inp = meta["input"]
     report = "- `report.json`: the parity report this bundle was checked with\n" if has_report else ""
     outputs = ", ".join(f"`{o}`" for o in meta["outputs"])
     pre = f"{inp.get('color', 'rgb')}, {inp.get('resize', 'resize')}"
+    native = "\n".join(readme_build_commands("x86_64"))
+    cross = "\n".join(readme_build_commands("aarch64"))
+    shipped = "".join(f"- `{runner_path(a)}`: the runner cross-built for {a} (static, checked under qemu)\n"
+                      for a in arches)  # fmt: skip
+    prebuilt = (
+        f"""
+## The cross-built runner in this bundle
+
+`{runner_path(arches[0])}` is one statically linked file: it needs nothing installed on the board (no
+libncnn, no OpenCV; it decodes photos with ncnn's own stb_image-based reader). deploytool checked it
+under `qemu-aarch64 -cpu cortex-a72` before writing this bundle (report.json, backend
+`ncnn-cpp@aarch64`). On the board:
+
+```sh
+./{runner_path(arches[0])} meta.json photo.jpg
+```
+
+or from the machine that made the bundle: `deploytool deploy . --to pi@board:models/{model}`.
+"""
+        if arches
+        else ""
+    )
     return f"""# {model}: ncnn bundle
 
 Made by deploytool. Task `{meta["task"]}`, input `{inp["name"]}` {inp["width"]}x{inp["height"]}
@@ -433,20 +495,22 @@ Made by deploytool. Task `{meta["task"]}`, input `{inp["name"]}` {inp["width"]}x
 - `CMakeLists.txt`, `src/`: the C++ runner `deploytool_runner` (ncnn + OpenCV + nlohmann-json)
 - `toolchains/aarch64-linux-gnu.cmake`: cross-compiling from an x86_64 host
 - `run_ncnn.py`: the same runner in Python (ncnn, numpy, OpenCV only)
-{report}- `.deploytool-bundle`: lists the files above; `deploytool bundle` replaces only these (anything
-  else you put here, such as `build/`, is kept)
-
-## C++ on the board
+{shipped}{report}- `.deploytool-bundle`: lists the files above; `deploytool bundle` replaces only
+  these (anything else you put here, such as `build/`, is kept)
+{prebuilt}
+## C++ on the board (native build)
 
 Needs libncnn built and installed for the board (see https://github.com/Tencent/ncnn/wiki/how-to-build),
 then (Debian/Ubuntu):
 
 ```sh
 sudo apt-get install -y build-essential cmake libopencv-dev nlohmann-json3-dev
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -Dncnn_DIR=/path/to/ncnn/install/lib/cmake/ncnn
-cmake --build build -j"$(nproc)"
+{native}
 ./build/deploytool_runner meta.json photo.jpg
 ```
+
+`deploytool deploy . --to USER@BOARD:DIR --build native --ncnn-dir /path/to/ncnn/install/lib/cmake/ncnn`
+runs these same two cmake commands on the board over SSH.
 
 Options: `--threads N`, `--repeat N` (average latency over N runs), `--dump-raw DIR` (writes every raw
 output as `<image-stem>.<blob>.npy` and the preprocessed input as `<image-stem>.input.npy`).
@@ -455,15 +519,19 @@ It prints one JSON document: per image `top_k` (index, score, prob, label) or `d
 (class_id, class name, score, box x1,y1,x2,y2 in original image pixels). Errors: one line on stderr,
 exit 2.
 
-## Cross-compiling for aarch64
+## Cross-compiling for aarch64 (on an x86_64 Debian/Ubuntu host)
+
+libncnn for aarch64 with ncnn's simpleocv (from deploytool's repository: `ARCH=aarch64
+scripts/build_ncnn.sh`, or ncnn's own CMake with this toolchain file and `-DNCNN_SIMPLEOCV=ON`), then:
 
 ```sh
-sudo apt-get install -y g++-aarch64-linux-gnu
-cmake -S . -B build-aarch64 -DCMAKE_BUILD_TYPE=Release \\
-      -DCMAKE_TOOLCHAIN_FILE=toolchains/aarch64-linux-gnu.cmake \\
-      -DCMAKE_SYSROOT=/path/to/arm64-sysroot -Dncnn_DIR=/path/to/ncnn-aarch64/lib/cmake/ncnn
-cmake --build build-aarch64 -j"$(nproc)"
+sudo apt-get install -y g++-aarch64-linux-gnu cmake nlohmann-json3-dev
+{cross}
 ```
+
+The result, `build-aarch64/deploytool_runner`, is static and decodes photos with stb_image (no OpenCV
+on the board). stb_image and OpenCV's libjpeg decode JPEG slightly differently (about 0.1 pixel level on
+average here); deploytool reports that apart from the model's own error (`image_path` in report.json).
 
 ## Python
 

@@ -467,11 +467,19 @@ def bundle(
             "are added to it, files of the same name replaced, nothing else in it deleted",
         ),
     ] = False,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="x86_64 (default: sources, built on the board) or aarch64 (also the cross-built runner, "
+            "checked under qemu-aarch64)",
+        ),
+    ] = "x86_64",
 ) -> None:
-    """Convert MODEL, check parity (torch, ncnn-cpu, and the C++ runner when libncnn is built), and
-    write the folder that goes onto the board; nothing is written if parity fails. --out must be a new
-    or empty folder or an earlier bundle (replaced; files you added to it are kept); the folder is
-    checked before any work."""
+    """Convert MODEL, check parity (torch, ncnn-cpu, the C++ runner when libncnn is built, and with
+    --target aarch64 the cross-built runner under qemu), and write the folder that goes onto the board;
+    nothing is written if parity fails. --out must be a new or empty folder or an earlier bundle
+    (replaced; files you added to it are kept); the folder is checked before any work."""
     from .bundle import make_bundle
     from .pipeline import RunOptions
     from .report import console_summary
@@ -490,7 +498,7 @@ def bundle(
         threads=threads,
         ncnn_precision=ncnn_precision,
     )
-    result, path = make_bundle(spec, opts, out, force=force)
+    result, path = make_bundle(spec, opts, out, force=force, target=target)
     console_summary(result, console)
     if path is None:
         err_console.print(
@@ -498,6 +506,41 @@ def bundle(
         )
         raise typer.Exit(1)
     console.print(f"wrote bundle {path}: see {path / 'README.md'} to build and run it on the board")
+
+
+@command
+def deploy(
+    bundle_dir: Annotated[Path, typer.Argument(metavar="BUNDLE", help="a folder `deploytool bundle` wrote")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="[USER@]HOST[:PORT]:DIR",
+            help="the board and the folder there (relative: to the home folder); HOST may be an alias "
+            "from your ssh config",
+        ),
+    ],
+    build: Annotated[
+        str,
+        typer.Option(
+            "--build",
+            help="auto (the bundle's cross-built runner when it has one for the board's CPU, else native), "
+            "cross, or native (cmake on the board against --ncnn-dir)",
+        ),
+    ] = "auto",
+    ncnn_dir: Annotated[
+        str | None,
+        typer.Option("--ncnn-dir", help="native builds: ncnn_DIR on the board (libncnn's lib/cmake/ncnn)"),
+    ] = None,
+) -> None:
+    """Copy a bundle to a board over SSH (your ssh client, keys and config; host keys checked), put the
+    runner there (the bundle's cross-built binary, or built on the board), check that it runs, and
+    only then switch the board's folder to it. A failure leaves the board's folder as it was."""
+    from .deploy import deploy as deploy_bundle
+
+    result = deploy_bundle(bundle_dir, to, build=build, ncnn_dir=ncnn_dir)
+    for line in result.lines():
+        console.print(line, highlight=False, markup=False)
 
 
 @command

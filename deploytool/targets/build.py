@@ -74,21 +74,26 @@ def ncnn_cmake_dir(arch: str = "x86_64") -> Path | None:
     return d if (d / "ncnnConfig.cmake").is_file() else None
 
 
-def toolchain_file(arch: str = "aarch64") -> Path:
-    """The CMake toolchain file cmake/ holds for cross-compiling to `arch`."""
-    return runner_source_dir() / "toolchains" / f"{arch}-linux-gnu.cmake"
-
-
-def cmake_options(arch: str = "x86_64") -> list[str]:
-    """The runner's configure options for `arch` besides ncnn_DIR (what bundles document too)."""
+def cmake_options(arch: str = "x86_64", source: Path | str | None = None) -> list[str]:
+    """The runner's configure options for `arch` besides ncnn_DIR; the toolchain file is the one in
+    `source` (default: this repository's cmake/)."""
     _check_arch(arch)
     if arch == "x86_64":
         return []
+    toolchain = f"{source if source is not None else runner_source_dir()}/toolchains/{arch}-linux-gnu.cmake"
     return [
-        f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file(arch)}",
+        f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
         "-DDEPLOYTOOL_IMAGE_DECODER=simpleocv",
         "-DDEPLOYTOOL_STATIC=ON",
     ]
+
+
+def build_commands(source, build, ncnn_dir, arch: str = "x86_64", jobs: int | str = 2) -> list[list[str]]:
+    """The two cmake commands that build the runner: what build_runner runs here, what a bundle's
+    README prints (with placeholders) and what `deploy --build native` runs on a board."""
+    configure = ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+    configure += [f"-Dncnn_DIR={ncnn_dir}", *cmake_options(arch, source)]
+    return [configure, ["cmake", "--build", str(build), "-j", str(jobs)]]
 
 
 def runner_source_dir() -> Path:
@@ -194,27 +199,10 @@ def build_runner(jobs: int = 2, arch: str = "x86_64") -> Path:
         work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             build = work / "build"
-            run_tool(
-                [
-                    "cmake",
-                    "-S",
-                    str(runner_source_dir()),
-                    "-B",
-                    str(build),
-                    "-DCMAKE_BUILD_TYPE=Release",
-                    f"-Dncnn_DIR={ncnn_dir}",
-                    *cmake_options(arch),
-                ],
-                logs / "configure.log",
-                "ncnn-cpp: cmake configure of the C++ runner",
-                error=BackendError,
-            )
-            run_tool(
-                ["cmake", "--build", str(build), "-j", str(jobs)],
-                logs / "build.log",
-                "ncnn-cpp: building the C++ runner",
-                error=BackendError,
-            )
+            configure, compile_ = build_commands(runner_source_dir(), build, ncnn_dir, arch, jobs)
+            run_tool(configure, logs / "configure.log", "ncnn-cpp: cmake configure of the C++ runner",
+                     error=BackendError)  # fmt: skip
+            run_tool(compile_, logs / "build.log", "ncnn-cpp: building the C++ runner", error=BackendError)
             out = work / "out"
             out.mkdir()
             shutil.copy2(build / RUNNER_EXE, out / RUNNER_EXE)
