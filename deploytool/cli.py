@@ -588,9 +588,9 @@ def doctor() -> None:
     """Versions of every tool, Vulkan devices, converters, and which backends can run here."""
     from .doctor import facts
 
-    for fact in facts():
-        value = fact.value if fact.ok else f"[yellow]{fact.value}[/]"
-        console.print(f"{fact.name:20} {value}", highlight=False)
+    for fact in facts():  # values hold brackets ([fp32/fp16]): printed as text, not markup
+        console.print(f"{fact.name:25} {fact.value}", highlight=False, markup=False,
+                      style=None if fact.ok else "yellow")  # fmt: skip
 
 
 @command

@@ -224,6 +224,33 @@ CASES = [
     ("run-threads-zero", ["run", "resnet18", "--threads", "0", "--out", "{o}"], 2, "--threads"),
     ("run-backends-empty", ["run", "resnet18", "--backends", ",", "--out", "{o}"], 2, "empty"),
     (
+        "run-target-unknown",
+        ["run", "resnet18", "--backends", "torch,ncnn-cpp@riscv64", "--out", "{o}"],
+        2,
+        "unknown target 'riscv64'",
+    ),
+    (
+        "run-target-on-a-local-backend",
+        ["run", "resnet18", "--backends", "torch,ncnn-cpu@aarch64", "--out", "{o}"],
+        2,
+        "runs only here",
+    ),
+    (
+        "run-target-qemu-cpu-typo",
+        ["run", "resnet18", "--backends", "torch,ncnn-cpp@aarch64:cortex-a27", "--out", "{o}"],
+        2,
+        "did you mean",
+    ),
+    (
+        "run-target-ssh-no-host",
+        ["run", "resnet18", "--backends", "torch,ncnn-cpp@ssh:pi@:22", "--out", "{o}"],
+        2,
+        "no host",
+    ),
+    ("bundle-target-riscv", ["bundle", "resnet18", "--target", "riscv64", "--out", "{o}"], 2, "--target"),
+    ("deploy-not-a-bundle", ["deploy", "{t}/foreign", "--to", "127.0.0.1:x"], 2, "not a deploytool bundle"),
+    ("deploy-missing-folder", ["deploy", "{t}/nope", "--to", "127.0.0.1:x"], 2, "no such folder"),
+    (
         "run-backends-typo",
         ["run", "resnet18", "--backends", "torch,ncnn-cpy", "--out", "{o}"],
         2,

@@ -311,8 +311,8 @@ def _runner():
     return CopyRunner
 
 
-def _build(cls, art, config):
-    return cls(art.onnx, config.threads)
+def _build(cls, b):
+    return cls(b.art.onnx, b.config.threads)
 
 
 registry.BACKENDS[NAME] = registry.Backend(
