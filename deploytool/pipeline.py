@@ -23,6 +23,7 @@ from .export import DEFAULT_OPSET, check_opset, export_onnx, export_torchscript
 from .inputs import collect_images, inputs_for
 from .results import BackendResult, InputItem, RunReport
 from .spec import ModelSpec, build_model
+from .stages import StageCache, digest, file_digest
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 
@@ -60,6 +61,7 @@ class RunOptions:
     save_vis: Path | None = None  # detectors: draw every backend's boxes on each photo here
     budget: str | None = None  # set: --precision auto, bench the variants and run the fastest within it
     int8_model: bool = False  # the ncnn files are int8 already (parity on a quantized model): no recipe
+    cache: Path | None = None  # stage cache folder (deploytool.stages): reuse export/convert/outputs
 
     def __post_init__(self) -> None:
         """Every option checked when it is made, before any work."""
@@ -176,9 +178,12 @@ def run(spec: ModelSpec, opts: RunOptions) -> RunReport:
     items = inputs_for(spec, list(opts.images))
     out = Path(opts.out)
     needs_ncnn = any(get_backend(b).family == "ncnn" for b in backends)
-    art = build_artifacts(spec, opts, items[0].tensor, out, timer, convert_ncnn=needs_ncnn)
-    outputs, results = infer_all(spec, art, opts, backends, items, timer)
+    cache = StageCache(opts.cache)
+    art = build_artifacts(spec, opts, items[0].tensor, out, timer, convert_ncnn=needs_ncnn, cache=cache)
+    outputs, results = infer_all(spec, art, opts, backends, items, timer, cache=cache)
     report = judge_run(spec, art, opts, items, outputs, results, timer, found=found)
+    if cache.hits:
+        notes.append(f"reused from the stage cache {opts.cache}: {', '.join(cache.hits)}")
     report.notes += notes
     return report
 
@@ -277,26 +282,97 @@ def quantize_stage(spec: ModelSpec, art: Artifacts, recipe: Recipe, out: Path) -
     )
 
 
+EXPORT_FILES = ["model.pt", "model.onnx"]
+NCNN_FILES = ["model.ncnn.param", "model.ncnn.bin"]
+INT8_FILES = ["model.table", "model.int8.param", "model.int8.bin", "int8_layers.json"]
+
+
 def build_artifacts(
-    spec: ModelSpec, opts: RunOptions, x: np.ndarray, out: Path, timer: StageTimer, convert_ncnn: bool = True
-) -> Artifacts:
+    spec: ModelSpec, opts: RunOptions, x: np.ndarray, out: Path, timer: StageTimer, convert_ncnn: bool = True,
+    cache: StageCache | None = None,
+) -> Artifacts:  # fmt: skip
     """Build the model and check it runs on `x`, then (and only then) make `out` ready, export the model
-    and (when an ncnn backend runs) convert it, timing each stage."""
-    with timer.stage("load"):
-        model = build_model(spec, opts.weights)
-        _try_forward(model, _example_tensor(x), spec)
-    prepare_run_folder(out)
-    with timer.stage("export"):
-        art = export_model(spec, model, x, out, opts.opset)
+    and (when an ncnn backend runs) convert it, timing each stage. With the stage cache, files it holds
+    for the same inputs are copied back instead (the model is then built only if a backend needs it)."""
+    cache = cache or StageCache(None)
+    keys = stage_keys(spec, opts) if cache.on else {}
+    if cache.on and cache.has("export", keys["export"], EXPORT_FILES):
+        prepare_run_folder(out)
+        with timer.stage("export"):
+            cache.restore("export", keys["export"], out, EXPORT_FILES)
+        art = Artifacts(torchscript=out / "model.pt", onnx=out / "model.onnx")
+    else:
+        with timer.stage("load"):
+            model = build_model(spec, opts.weights)
+            _try_forward(model, _example_tensor(x), spec)
+        prepare_run_folder(out)
+        with timer.stage("export"):
+            art = export_model(spec, model, x, out, opts.opset)
+        cache.store("export", keys.get("export", ""), out, EXPORT_FILES)
     if convert_ncnn:
         with timer.stage("convert", show=False):  # convert() shows "convert (pnnx)" itself
-            art = convert_stage(spec, art, opts.recipe, out)
+            art = _cached_convert(spec, art, opts.recipe, out, cache, keys)
     return art
+
+
+def _cached_convert(
+    spec: ModelSpec, art: Artifacts, recipe: Recipe, out: Path, cache: StageCache, keys: dict
+) -> Artifacts:
+    """convert_stage, or its files from the cache (meta.json is rewritten from the spec either way)."""
+    if not cache.restore("convert", keys.get("convert", ""), out, NCNN_FILES):
+        fp32 = convert_stage(spec, art, replace(recipe, quantize=None, table=None), out)
+        cache.store("convert", keys.get("convert", ""), out, NCNN_FILES)
+    else:
+        param = out / NCNN_FILES[0]
+        fp32 = replace(art, ncnn_param=param, ncnn_bin=out / NCNN_FILES[1], converter=recipe.converter,
+                       meta=write_meta(spec, param, out / "meta.json"))  # fmt: skip
+    if not recipe.int8:
+        return fp32
+    if cache.restore("quantize", keys.get("quantize", ""), out, INT8_FILES):
+        layers = json.loads((out / "int8_layers.json").read_text())
+        (out / "int8_layers.json").unlink()
+        meta = fp32.meta and dict(fp32.meta, param="model.int8.param", bin="model.int8.bin")
+        if meta is not None:
+            write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+        return replace(fp32, ncnn_param=out / "model.int8.param", ncnn_bin=out / "model.int8.bin",
+                       int8_table=out / "model.table", int8_layers=tuple(layers), meta=meta)  # fmt: skip
+    art = quantize_stage(spec, fp32, recipe, out)
+    if cache.on:
+        (out / "int8_layers.json").write_text(json.dumps(list(art.int8_layers)))
+        cache.store("quantize", keys["quantize"], out, INT8_FILES)
+        (out / "int8_layers.json").unlink()
+    return art
+
+
+def stage_keys(spec: ModelSpec, opts: RunOptions) -> dict[str, str]:
+    """What decides each stage's files: the model (factory, its module's source, arguments, weights),
+    the input/output declaration, the opset, the recipe, the calibration photos and the tool versions.
+    Tolerances, task settings and preprocessing are not in them (preprocessing is in the inputs' key)."""
+    import importlib.util
+
+    module = spec.factory.partition(":")[0]
+    try:
+        origin = importlib.util.find_spec(module).origin
+    except (ImportError, AttributeError, ValueError):
+        origin = None
+    ver = versions()
+    export = digest(
+        "export", spec.factory, spec.factory_args, file_digest(origin) if origin else module,
+        file_digest(opts.weights), spec.input_name, spec.input_shape, spec.dynamic_shapes, spec.output_names,
+        opts.opset, ver["torch"], ver["onnx"], __version__,
+    )  # fmt: skip
+    r = opts.recipe
+    convert_key = digest(export, r.converter, r.fp16_weights, file_digest(r.onnx2ncnn), spec.pnnx_moduleop,
+                         ver["pnnx"])  # fmt: skip
+    calib = [] if r.table is not None or not r.int8 else collect_images(list(r.calib or calibration_images()))
+    quantize = digest(convert_key, r.quantize, file_digest(r.table), r.keep_fp32,
+                      [file_digest(p) for p in calib], spec.preprocess)  # fmt: skip
+    return {"export": export, "convert": convert_key, "quantize": quantize}
 
 
 def infer_all(
     spec: ModelSpec, art: Artifacts, opts: RunOptions, backends: list[str], items: list[InputItem],
-    timer: StageTimer, reference: str = REFERENCE,
+    timer: StageTimer, reference: str = REFERENCE, cache: StageCache | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, BackendResult]]:  # fmt: skip
     """Run every backend on the same inputs: ({backend: [outputs by spec name, one per input]},
     {backend: what it was and how fast}). A backend other than the reference that fails (a crash,
@@ -306,15 +382,53 @@ def infer_all(
     )
     outputs: dict[str, list[dict]] = {}
     results: dict[str, BackendResult] = {}
+    cache = cache or StageCache(None)
     for name in backends:
+        key = _infer_key(name, art, opts, items) if cache.on and "@ssh" not in name else None
+        got = cache.load_outputs(f"infer:{name}", key) if key else None
+        if got is not None:
+            outputs[name], results[name] = got[0], BackendResult(name, **got[1])
+            continue
         try:
+            if "model" in get_backend(name).needs and art.model is None:  # files came from the cache
+                with timer.stage("load"):
+                    art.model = build_model(spec, opts.weights)
             with timer.stage(f"infer:{name}"):
                 outputs[name], results[name] = _infer_one(name, spec, art, opts, config, items)
+            if key:
+                cache.store_outputs(f"infer:{name}", key, outputs[name], _cacheable(results[name]))
         except BackendError as exc:
             if name == reference:
                 raise
             results[name] = BackendResult(name, error=str(exc))
     return outputs, results
+
+
+def _infer_key(name: str, art: Artifacts, opts: RunOptions, items: list[InputItem]) -> str:
+    """What decides a backend's outputs: the files it runs (by content), the inputs (tensors and photos),
+    its precision and threads, and the versions of everything that computes them."""
+    from .targets.build import sources_hash
+
+    files = (
+        [art.ncnn_param, art.ncnn_bin, art.onnx, art.torchscript]
+        if get_backend(name).family != "torch"
+        else [art.torchscript, opts.weights]
+    )
+    ver = versions()
+    runner = sources_hash() if name.startswith("ncnn-cpp") else None
+    return digest(
+        "infer", name, [file_digest(f) for f in files],
+        [(i.label, i.feed, file_digest(i.image)) for i in items], opts.ncnn_precision, opts.threads,
+        (art.meta or {}).get("ncnn_options"), runner, ver,
+    )  # fmt: skip
+
+
+def _cacheable(result: BackendResult) -> dict:
+    """The fields of a BackendResult that come back with cached outputs; its latency is marked as from
+    the run that made them."""
+    method = f"{result.latency_method} (cached run)" if result.latency_method else None
+    return {"device": result.device, "latency_ms_median": result.latency_ms_median, "latency_method": method,
+            "precision": result.precision, "extra": dict(result.extra, cached=True)}  # fmt: skip
 
 
 def _infer_one(
