@@ -544,6 +544,56 @@ def deploy(
 
 
 @command
+def matrix(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="models to run (default: every spec in models/); `merge REPORT…` joins shards"),
+    ] = None,
+    backends: BackendsOpt = None,
+    precisions: Annotated[
+        str, typer.Option("--precisions", help="comma-separated ncnn precisions: fp32,fp16,bf16,int8")
+    ] = "fp32",
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", help="worker processes (default: the number of cores)")
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="I/N: run only the I-th of N deterministic slices")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for matrix.json, matrix.md, junit.xml")] = Path(
+        "out/matrix"
+    ),
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="redo every export, conversion and inference")
+    ] = False,
+) -> None:
+    """Run model × backend × precision and write one table (matrix.md), matrix.json and junit.xml; exit 1
+    when a cell fails, 3 when a job could not run. Export, conversion and outputs are cached (keyed by
+    what decides them) under the deploytool cache, so an unchanged rerun only re-judges.
+    `deploytool matrix merge A/matrix.json B/matrix.json --out DIR` joins shards into one report."""
+    import os
+
+    from .matrix import MatrixOptions, merge, parse_shard, run_matrix
+    from .targets.build import cache_root
+
+    names = list(models or [])
+    if names[:1] == ["merge"]:
+        result = merge([Path(n) for n in names[1:]], out)
+    else:
+        opts = MatrixOptions(
+            models=tuple(names), backends=backends,
+            precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+            jobs=jobs if jobs is not None else (os.cpu_count() or 1), shard=parse_shard(shard), out=out,
+            cache=None if no_cache else cache_root() / "stages",
+        )  # fmt: skip
+        result = run_matrix(opts)
+    from .matrix import markdown
+
+    console.print(markdown(result), highlight=False, markup=False)
+    console.print(f"wrote {out / 'matrix.md'}, {out / 'matrix.json'}, {out / 'junit.xml'}")
+    raise typer.Exit(result.exit_code)
+
+
+@command
 def export(
     model: ModelArg,
     out: OutOpt = None,

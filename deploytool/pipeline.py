@@ -184,6 +184,8 @@ def run(spec: ModelSpec, opts: RunOptions) -> RunReport:
     report = judge_run(spec, art, opts, items, outputs, results, timer, found=found)
     if cache.hits:
         notes.append(f"reused from the stage cache {opts.cache}: {', '.join(cache.hits)}")
+        for kind in cache.hits:  # report.json: stages.<kind>.cached
+            report.stages.setdefault(kind, {"seconds": 0.0})["cached"] = True
     report.notes += notes
     return report
 
