@@ -23,9 +23,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                 pytest.fail(f"DEPLOYTOOL_REQUIRE_VULKAN=1 but {reason}")
             pytest.skip(reason)
     if item.get_closest_marker("cpp") is not None:
-        from deploytool.backends.ncnn_cpp import NcnnCppRunner
+        from deploytool.targets.build import runner_available
 
-        ok, reason = NcnnCppRunner.available()
+        ok, reason = runner_available()
         if not ok:
             if os.environ.get("CI") == "true":
                 pytest.fail(f"CI=true but the C++ runner cannot be built: {reason}")
