@@ -20,9 +20,10 @@ from deploytool.spec import load_spec
 pytestmark = pytest.mark.slow
 PHOTOS = (IMAGES / "chelsea.jpg", IMAGES / "rocket.jpg")
 CPU = ("onnxruntime", "ncnn-cpu")
-# family -> (the extra size its spec declares, as the report suffixes inputs; floats of its first conv)
+# family -> (the extra sizes its spec declares, as the report suffixes inputs; floats of its first conv)
 FAMILIES = {
-    "mobilenet": ("224x224", 3 * 16 * 9),
+    "mobilenet": (("224x224",), 3 * 16 * 9),
+    "vgg": ((), 3 * 8 * 9),  # a flattened 5x5 grid before the fully connected head: one input size
 }
 
 
@@ -45,12 +46,12 @@ def _checked(report, backend):
 
 def test_cpu_backends_pass_at_every_size(family):
     name, _, report = family
-    extra, _ = FAMILIES[name]
+    sizes, _ = FAMILIES[name]
     for backend in CPU:
         comparisons = _checked(report, backend)
         assert all(c["passed"] for c in comparisons), [(c["input"], c["max_abs"]) for c in comparisons]
         inputs = {c["input"].rsplit("/", 1)[-1] for c in comparisons}
-        assert inputs == {p.name for p in PHOTOS} | {f"{p.name}@{extra}" for p in PHOTOS}
+        assert inputs == {f"{p.name}{s}" for p in PHOTOS for s in ("", *(f"@{e}" for e in sizes))}
         assert report["task"][backend]["passed"]
 
 
