@@ -3,7 +3,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.deploytool-setup
 
-.PHONY: setup ncnn demo test bench lint format clean
+.PHONY: setup ncnn demo test zoo bench lint format clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,15 @@ demo: setup
 	$(BIN)/deploytool run resnet18 --images images --out out/demo \
 		--report out/demo/report.json --junit out/demo/junit.xml
 
+# The suite in parallel (pytest-xdist): one worker per core, a test module's tests on one worker, so its
+# module fixtures (a converted model, a started sshd) are made once.
 test: setup ncnn
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
+
+# Every spec in models/ on the default backends as one gate: out/zoo/matrix.md, matrix.json, junit.xml.
+# Export, conversion and outputs are cached under ~/.cache/deploytool/stages: a rerun only re-judges.
+zoo: setup
+	$(BIN)/deploytool matrix --out out/zoo
 
 # Latency per backend and ncnn precision variant; regenerates docs/performance.md (~7 min).
 bench: setup
