@@ -24,6 +24,7 @@ CPU = ("onnxruntime", "ncnn-cpu")
 FAMILIES = {
     "mobilenet": (("224x224",), 3 * 16 * 9),
     "vgg": ((), 3 * 8 * 9),  # a flattened 5x5 grid before the fully connected head: one input size
+    "shufflenet": (("224x224",), 3 * 24 * 9),
 }
 
 
