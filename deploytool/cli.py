@@ -156,7 +156,12 @@ def run(
     out: OutOpt = None,
     backends: BackendsOpt = None,
     images: ImagesOpt = None,
-    converter: ConverterOpt = "pnnx",
+    converter: Annotated[
+        str | None,
+        typer.Option(
+            "--converter", help="pnnx | pnnx-onnx | onnx2ncnn (default pnnx; pnnx-onnx for ONNX files)"
+        ),
+    ] = None,
     onnx2ncnn: Onnx2ncnnOpt = None,
     opset: OpsetOpt = 17,
     input_shape: ShapeOpt = None,
@@ -180,19 +185,25 @@ def run(
     table: TableOpt = None,
     keep_fp32: KeepFp32Opt = None,
 ) -> None:
-    """Export, convert and run MODEL on every backend; exit 1 if any parity check fails."""
+    """Export, convert and run MODEL on every backend; exit 1 if any parity check fails. MODEL may be an
+    ONNX file (FILE.onnx, or a spec with [onnx]): then ONNX Runtime is the reference."""
+    from .foreign import is_onnx_file, onnx_converter, run_onnx, spec_for_file
     from .pipeline import RunOptions
     from .pipeline import run as run_pipeline
     from .report import check_output_files
 
     check_output_files(report=report, junit=junit, markdown=markdown)
     auto = _auto_budget(precision, budget, ncnn_precision, fp16)
-    spec = load_spec(model, input_shape)
+    spec = spec_for_file(Path(model), input_shape) if is_onnx_file(model) else load_spec(model, input_shape)
+    if spec.onnx is not None:
+        converter, run_pipeline = onnx_converter(converter, onnx2ncnn), run_onnx
     opts = RunOptions(
         out=Path(out or Path("out") / spec.name),
         backends=backends,
         images=images_or_default(images, spec.task),
-        recipe=_recipe(converter, fp16, onnx2ncnn, ncnn_precision == "int8", calib, method, table, keep_fp32),
+        recipe=_recipe(
+            converter or "pnnx", fp16, onnx2ncnn, ncnn_precision == "int8", calib, method, table, keep_fp32
+        ),
         opset=opset,
         weights=weights,
         ncnn_precision=ncnn_precision,

@@ -176,7 +176,54 @@ def _place_source(source: Path, folder: Path) -> str:
     return f"{folder.name}/{link.name}"
 
 
-def _finish(work: Path, param: Path, bin_: Path, converter: str, tool: str, stage: str, log: Path) -> None:
+# What to try when a converter cannot handle an operator.
+OTHER_CONVERTER = {
+    "pnnx-onnx": "--converter onnx2ncnn (with --onnx2ncnn PATH), or --converter pnnx (from TorchScript) "
+    "when you have the PyTorch model",
+    "onnx2ncnn": "--converter pnnx-onnx, or --converter pnnx (from TorchScript) when you have the "
+    "PyTorch model",
+    "pnnx": "--converter pnnx-onnx or --converter onnx2ncnn (from the ONNX export)",
+}
+
+
+def unknown_layers(param: Path) -> list[tuple[str, str]]:
+    """(type, name) of each layer in `param` whose type ncnn does not have: what pnnx and onnx2ncnn
+    write for an operator they cannot convert (pnnx logs `ignore OP NAME`), which ncnn then refuses."""
+    import ncnn
+
+    return [
+        (layer.type, layer.name) for layer in read_param(param).layers if ncnn.layer_to_index(layer.type) < 0
+    ]
+
+
+def check_operators(param: Path, converter: str, source: Path, stage: str, log: Path) -> None:
+    """ConvertError naming the first operator the converter left unconverted, its node(s) in the
+    ONNX graph (found by op type: converters rename layers) and the converter to try instead."""
+    unknown = unknown_layers(param)
+    if not unknown:
+        return
+    op, layer = unknown[0]
+    where = f"layer {layer!r}"
+    if source.suffix.lower() == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(source), load_external_data=False).graph
+        nodes = [n.name or n.output[0] for n in graph.node if n.op_type == op]
+        if nodes:
+            shown = ", ".join(repr(n) for n in nodes[:3]) + (
+                f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+            )
+            where = f"node {shown} (ncnn layer {layer!r})"
+    more = f"; {len(unknown) - 1} more unconverted layer(s)" if len(unknown) > 1 else ""
+    raise ConvertError(
+        f"{stage}: {converter} cannot convert operator {op} at {where}: it wrote a layer type ncnn does "
+        f"not have{more}; try {OTHER_CONVERTER[converter]}; log: {log}"
+    )
+
+
+def _finish(
+    work: Path, param: Path, bin_: Path, converter: str, tool: str, stage: str, log: Path, source: Path
+) -> None:
     """Check what the converter wrote into `work` and move it into place (the .param last)."""
     made_param, made_bin = work / param.name, work / bin_.name
     missing = [p.suffix for p in (made_param, made_bin) if not p.is_file()]
@@ -189,6 +236,7 @@ def _finish(work: Path, param: Path, bin_: Path, converter: str, tool: str, stag
         read_param(made_param)
     except SpecError as exc:  # a converter writing a broken .param is a tool failure
         raise ConvertError(f"{stage} wrote a .param that ncnn cannot read ({exc}); log: {log}") from None
+    check_operators(made_param, converter, source, stage, log)
     if converter != "onnx2ncnn":
         side = param.parent / "pnnx"
         side.mkdir(exist_ok=True)
@@ -230,7 +278,7 @@ def convert(
             converter, tool, src, param.name, bin_.name, input_shape, input_shape2, fp16_weights, moduleop
         )
         run_tool(cmd, log, stage, cwd=work, timeout=TOOL_TIMEOUT_S, error=ConvertError)
-        _finish(work, param, bin_, converter, tool, stage, log)
+        _finish(work, param, bin_, converter, tool, stage, log, source)
     graph = read_param(param)
     return Converted(
         param, bin_, converter, log, graph.input_names, graph.output_names, input_shape2 is not None
@@ -287,7 +335,8 @@ def onnx_declared_input(model) -> tuple[str, tuple[int | None, ...]] | None:
     if not inputs or not inputs[0].type.tensor_type.HasField("shape"):
         return None
     dims = inputs[0].type.tensor_type.shape.dim
-    return inputs[0].name, tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    # exporters write a dynamic dimension as a name, or as a value of -1 or 0 (PaddlePaddle's paddle2onnx)
+    return inputs[0].name, tuple(d.dim_value if d.dim_value > 0 else None for d in dims)
 
 
 def _dims_text(dims: tuple[int | None, ...]) -> str:

@@ -13,6 +13,7 @@ from .backends import BACKENDS, REFERENCE, Artifacts, get_backend, select_backen
 from .backends.ncnn_runner import ncnn_options_of
 from .bundle import TASKS, meta_for
 from .errors import SpecError
+from .foreign import is_onnx_file, spec_for_file
 from .inputs import default_images, inputs_for
 from .ncnn_param import read_param
 from .pipeline import RunOptions, StageTimer, infer_all, judge_run, versions
@@ -190,12 +191,14 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
     # the weights the run used, unless the user names other weights or another model
     weights = opts.weights or (recorded.get("weights") if opts.model is None else None)
     shape = parse_shape(opts.input_shape) if opts.input_shape else None
-    spec = (
-        load_spec(model, opts.input_shape)
-        if model is not None
-        else _synth_spec(art, Path(target).stem, shape)
-    )
-    reference = _pick_reference(opts, art, model is not None)
+    if model is None:
+        spec = _synth_spec(art, Path(target).stem, shape)
+    elif is_onnx_file(model):  # an earlier `run FILE.onnx`
+        spec = spec_for_file(Path(model), opts.input_shape)
+    else:
+        spec = load_spec(model, opts.input_shape)
+    # a spec that names an ONNX file has no PyTorch model: onnxruntime is the reference
+    reference = _pick_reference(opts, art, model is not None and spec.onnx is None)
     if art.meta is None and art.ncnn_param is not None and model is not None and spec.task in TASKS:
         art.meta = meta_for(spec, art.ncnn_param, num_classes=spec.factory_args.get("num_classes"))
     # the inputs first: a bad input file is reported before any backend is looked at

@@ -75,6 +75,7 @@ class ModelSpec:
     pnnx_moduleop: list[str] = field(default_factory=list)
     task_args: dict[str, Any] = field(default_factory=dict)
     source: str = "<import>"
+    onnx: Any = None  # foreign.OnnxRef: the spec names an ONNX file instead of a factory (no PyTorch model)
 
     def tolerance(self, backend: str, precision: str = "fp32", output: str | None = None) -> Tolerance:
         """The most specific tolerance: backend+precision, then the precision mode alone (`fp16`, `bf16`),
@@ -102,7 +103,7 @@ IMAGE_TASKS = ("classify", "detect")
 
 _TOP_KEYS = (
     "name", "factory", "task", "description", "factory_args", "input", "output", "preprocess", "tolerance",
-    "pnnx", "task_args",
+    "pnnx", "task_args", "onnx",
 )  # fmt: skip
 _TABLE_KEYS = {
     "input": ("name", "shape", "dynamic_shapes"),
@@ -429,12 +430,19 @@ def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
     """Validate a whole parsed TOML document (types, ranges, unknown keys at every level, the task's
     arguments); every error names the file and the key."""
     _known_keys(data, _TOP_KEYS, source)
-    for key in ("name", "factory"):
+    onnx = None
+    if "onnx" in data:  # an ONNX file someone else exported, instead of a factory
+        from .foreign import OnnxRef
+
+        if "factory" in data:
+            raise SpecError(f"{source}: give either factory or [onnx], not both")
+        onnx = OnnxRef.from_table(data["onnx"], source)
+    for key in ("name",) if onnx else ("name", "factory"):
         if not isinstance(data.get(key), str):
             raise SpecError(f"{source}: missing string key {key!r}")
     check_name(data["name"], source)
-    factory = data["factory"]
-    if not _IMPORT_SPEC.fullmatch(factory):
+    factory = data.get("factory", "")
+    if onnx is None and not _IMPORT_SPEC.fullmatch(factory):
         raise SpecError(f"{source}: factory {factory!r} must look like package.module:function")
     if "description" in data and not isinstance(data["description"], str):
         raise SpecError(f"{source}: description must be a string, got {_type_name(data['description'])}")
@@ -463,6 +471,7 @@ def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
         pnnx_moduleop=_strings(pnnx.get("moduleop", []), f"{source}: pnnx.moduleop"),
         task_args=_task_args(data, task, factory_args, source),
         source=source,
+        onnx=onnx,
     )
     check_input_shape(spec)
     return spec
@@ -568,6 +577,11 @@ def build_model(spec: ModelSpec, weights: str | None = None):
     return value that is not an nn.Module) is a SpecError naming the factory."""
     import torch
 
+    if spec.onnx is not None:
+        raise SpecError(
+            f"{spec.source} names an ONNX file, not a PyTorch model: `deploytool run {spec.name}` checks it "
+            "against ONNX Runtime"
+        )
     module_name, _, attr = spec.factory.partition(":")
     if not module_name or not attr:
         raise SpecError(f"factory {spec.factory!r} must look like package.module:function")

@@ -34,4 +34,7 @@ fi
 # pull the multi-GB CUDA build. Later packages accept the installed torch as it is.
 "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
 "$VENV/bin/pip" install -q -e ".[dev]"
+# Third-party ONNX files for `deploytool run ppocr_det|ppocr_rec` (models/ppocr_*.toml): only the package's
+# files, without its dependencies (its opencv-python would clash with opencv-python-headless).
+"$VENV/bin/pip" install -q --no-deps rapidocr-onnxruntime==1.4.4
 "$VENV/bin/python" -c "import deploytool, torch, ncnn, onnxruntime, cv2; print('setup: ok, torch', torch.__version__, 'ncnn', ncnn.__version__)"

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deploytool.cli import app
-from deploytool.spec import available_models
+from deploytool.spec import available_models, load_spec
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 
@@ -15,11 +15,12 @@ IMAGES = Path(__file__).resolve().parent.parent / "images"
 @pytest.mark.slow
 @pytest.mark.parametrize("name", available_models())
 def test_spec_runs_end_to_end_on_cpu(name, tmp_path):
+    onnx_only = load_spec(name).onnx is not None  # a third-party ONNX file: onnxruntime is the reference
     args = [
         "run",
         name,
         "--backends",
-        "torch,onnxruntime,ncnn-cpu",
+        "ncnn-cpu" if onnx_only else "torch,onnxruntime,ncnn-cpu",
         "--images",
         str(IMAGES / "chelsea.jpg"),
         "--out",
