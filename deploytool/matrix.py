@@ -69,7 +69,7 @@ class MatrixReport:
     def passed(self) -> bool:
         return (
             bool(self.cells)
-            and all(c.status in ("pass", "skipped") for c in self.cells)
+            and all(c.status in ("pass", "skipped", "reference") for c in self.cells)
             and any(c.status == "pass" for c in self.cells)
         )
 
@@ -142,6 +142,8 @@ def run_matrix(opts: MatrixOptions) -> MatrixReport:
 def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[dict]]:
     """One (model, precision) through the pipeline, in this process; never raises for a DeployError."""
     from . import progress
+    from .backends.registry import get_backend, parse_backends
+    from .foreign import run_onnx
     from .inputs import images_or_default
     from .pipeline import Recipe, RunOptions, run
     from .report import write_json
@@ -153,12 +155,18 @@ def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[di
     out = Path(opts.out) / job.model / job.precision
     try:
         spec = load_spec(job.model)
-        recipe = Recipe(quantize="kl") if job.precision == "int8" else Recipe()
+        onnx = spec.onnx is not None  # a spec naming an ONNX file: ONNX Runtime is its reference
+        recipe = Recipe(
+            converter="pnnx-onnx" if onnx else "pnnx", quantize="kl" if job.precision == "int8" else None
+        )
+        backends = opts.backends
+        if onnx and backends is not None:  # each model is judged against its own reference: no torch here
+            backends = ",".join(b for b in parse_backends(backends) if get_backend(b).family != "torch")
         run_opts = RunOptions(
-            out=out, backends=opts.backends, images=images_or_default(None, spec.task), recipe=recipe,
+            out=out, backends=backends, images=images_or_default(None, spec.task), recipe=recipe,
             ncnn_precision=job.precision, threads=threads, cache=opts.cache,
         )  # fmt: skip
-        report = run(spec, run_opts)
+        report = (run_onnx if onnx else run)(spec, run_opts)
         write_json(report, out / "report.json")
     except DeployError as exc:
         seconds = round(time.perf_counter() - started, 2)
@@ -170,16 +178,17 @@ def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[di
 
 
 def cells_of(report, job: Job, seconds: float) -> list[Cell]:
-    """One cell per backend of a run (the reference excepted): its verdict and worst numbers. Backends
+    """One cell per backend of a run (the reference marked as such): its verdict and worst numbers. Backends
     that do not take an ncnn precision are reported under fp32 only."""
     from .backends.registry import get_backend
 
     cells = []
     for name, info in report.backends.items():
-        if name == report.reference:
-            continue
         precision = job.precision if get_backend(name).takes_precision else "fp32"
         if precision != job.precision:
+            continue
+        if name == report.reference:
+            cells.append(Cell(job.model, name, precision, "reference"))
             continue
         if not info.available:
             cells.append(Cell(job.model, name, precision, "skipped", info.reason or "", seconds))
@@ -217,7 +226,13 @@ def write_matrix(report: MatrixReport, out: Path) -> list[Path]:
     ]
 
 
-MARKS = {"pass": "✅ pass", "fail": "❌ FAIL", "skipped": "⚪ skipped", "error": "💥 error"}
+MARKS = {
+    "pass": "✅ pass",
+    "fail": "❌ FAIL",
+    "skipped": "⚪ skipped",
+    "error": "💥 error",
+    "reference": "reference",
+}
 
 
 def markdown(report: MatrixReport) -> str:
@@ -254,7 +269,7 @@ def junit(report: MatrixReport) -> str:
         elif c.status == "error":
             errors += 1
             ET.SubElement(case, "error", message=c.worst)
-        elif c.status == "skipped":
+        elif c.status in ("skipped", "reference"):
             skipped += 1
             ET.SubElement(case, "skipped", message=c.worst)
     suite.set("tests", str(len(report.cells)))
