@@ -661,7 +661,8 @@ def models() -> None:
 
     for name in available_models():
         spec = load_spec(name)
-        console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {spec.factory}")
+        source = spec.factory or spec.onnx  # a PyTorch factory, or the ONNX file a spec names
+        console.print(f"{name:12} {spec.task:9} {','.join(map(str, spec.input_shape)):14} {source}")
 
 
 @app.callback(invoke_without_command=True)

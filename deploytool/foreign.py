@@ -36,6 +36,9 @@ class OnnxRef:
     file: str | None = None
     install: str | None = None
 
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.package}:{self.file}"
+
     @classmethod
     def from_table(cls, table: Any, source: str) -> OnnxRef:
         """The spec's [onnx] table, checked: either `path`, or `package` and `file` (+ `install`)."""
