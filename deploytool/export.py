@@ -55,8 +55,12 @@ def export_onnx(
     import torch
 
     check_opset(opset)
-    # Only the input's H and W are declared dynamic; the exporter derives the outputs' shapes.
-    dynamic_axes = {input_names[0]: {2: "height", 3: "width"}} if dynamic else None
+    # An image's H and W are declared dynamic (any other rank: every axis but the batch, e.g. a sequence's
+    # length); the exporter derives the outputs' shapes.
+    axes = (
+        {2: "height", 3: "width"} if example.dim() == 4 else {i: f"dim{i}" for i in range(1, example.dim())}
+    )
+    dynamic_axes = {input_names[0]: axes} if dynamic else None
     with atomic_path(path) as tmp:
         try:
             with torch.no_grad(), warnings.catch_warnings():

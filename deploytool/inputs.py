@@ -1,7 +1,9 @@
-"""Images to input tensors with OpenCV, exactly as the spec's preprocessing says."""
+"""Images to input tensors with OpenCV, exactly as the spec's preprocessing says; for models that do
+not take photos, the inputs their spec's [inputs] declares (a seeded generator or an .npy file)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import numpy as np
 
 from .errors import SpecError
 from .results import InputItem
-from .spec import ModelSpec, Preprocess
+from .spec import InputSource, ModelSpec, Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -201,7 +203,15 @@ def load_inputs(spec: ModelSpec, images: list[Path], shape: tuple[int, ...] | No
 
 def inputs_for(spec: ModelSpec, images: list[Path], dynamic: bool = True) -> list[InputItem]:
     """The photos preprocessed per the spec at its input shape and then (with `dynamic`) at each of
-    its dynamic shapes; without photos, one seeded random input."""
+    its dynamic shapes; for a spec with [inputs], the inputs it declares (see declared_inputs); without
+    either, one seeded random input."""
+    if spec.inputs is not None:
+        if images:
+            raise SpecError(
+                f"{spec.name} takes the inputs its spec declares ([inputs] source = {spec.inputs.source!r}), "
+                "not photos; leave out --images"
+            )
+        return declared_inputs(spec, dynamic)
     if not images:
         return [InputItem("random(seed=0)", random_input(spec))]
     found = collect_images(images)
@@ -213,5 +223,86 @@ def inputs_for(spec: ModelSpec, images: list[Path], dynamic: bool = True) -> lis
 
 def random_input(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """A seeded normal input for models that do not take images."""
-    rng = np.random.default_rng(seed)
-    return {spec.input_name: rng.standard_normal(spec.input_shape).astype(np.float32)}
+    return {spec.input_name: generate("normal", spec.input_shape, np.random.default_rng(seed))}
+
+
+def generate(kind: str, shape: tuple[int, ...], rng: np.random.Generator, axis: int = -1) -> np.ndarray:
+    """One float32 input of `shape` drawn from `rng`. normal: standard normal; uniform: in [-1, 1);
+    sine: along `axis`, each series a sum of three sines (periods 4-64 steps, amplitudes 0.2-1, random
+    phases) plus normal noise of 0.05."""
+    if kind == "normal":
+        x = rng.standard_normal(shape)
+    elif kind == "uniform":
+        x = rng.uniform(-1.0, 1.0, shape)
+    elif kind == "sine":
+        if not -len(shape) < axis < len(shape) or axis == 0:
+            raise SpecError(f"inputs.axis {axis} is not a time axis of the input shape {list(shape)}")
+        series = tuple(np.delete(np.asarray(shape), axis))
+        t = np.arange(shape[axis])
+        period = rng.uniform(4.0, 64.0, (*series, 3, 1))
+        amplitude = rng.uniform(0.2, 1.0, (*series, 3, 1))
+        phase = rng.uniform(0.0, 2 * np.pi, (*series, 3, 1))
+        waves = (amplitude * np.sin(2 * np.pi * t / period + phase)).sum(axis=-2)  # (*series, T)
+        x = np.moveaxis(waves + 0.05 * rng.standard_normal(waves.shape), -1, axis)
+    else:
+        raise SpecError(f"unknown input generator {kind!r}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def declared_inputs(spec: ModelSpec, dynamic: bool = True) -> list[InputItem]:
+    """The inputs of a spec's [inputs]: a generator's `count` inputs at the input shape, then (with
+    `dynamic`) at each dynamic shape, each shape drawn afresh from the seed (so with `normal` a longer
+    sequence begins with a shorter one's steps); or the rows of its .npy file. Labels say where each
+    came from: `sine(seed=0)#2` (`@HxW`, the last two dimensions, at a dynamic shape), `eeg.npy#0`."""
+    src = spec.inputs
+    if src.source == "npy":
+        rows = npy_rows(src, spec.input_shape)
+        return [InputItem(f"{src.path.name}#{i}", {spec.input_name: r}) for i, r in enumerate(rows)]
+    items = []
+    for shape in [spec.input_shape, *(spec.dynamic_shapes if dynamic else [])]:
+        rng = np.random.default_rng(src.seed)
+        size = None if shape == spec.input_shape else (tuple(shape[-2:]) if len(shape) > 1 else (1, shape[0]))
+        for i in range(src.count):
+            x = generate(src.kind, shape, rng, src.axis)
+            items.append(InputItem(f"{src.kind}(seed={src.seed})#{i}", {spec.input_name: x}, size=size))
+    return items
+
+
+def npy_rows(src: InputSource, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """The first `src.count` rows (all by default) of the .npy array at `src.path`, each as one float32
+    input of `shape`: the file must hold a finite numeric array (N, *shape[1:])."""
+    path = src.path
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SpecError(f"{path} is not a readable .npy array ({exc}); write it with numpy.save") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+        what = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise SpecError(f"{path} must hold a numeric array, not {what}")
+    if arr.ndim != len(shape) or arr.shape[1:] != tuple(shape[1:]) or not arr.shape[0]:
+        raise SpecError(
+            f"{path} holds an array of shape {list(arr.shape)}; the spec's input {list(shape)} needs "
+            f"(N, {', '.join(map(str, shape[1:]))}) with N >= 1"
+        )
+    count = src.count or arr.shape[0]
+    if count > arr.shape[0]:
+        raise SpecError(f"inputs.count = {count} but {path} has only {arr.shape[0]} rows")
+    if not np.isfinite(arr[:count]).all():
+        raise SpecError(f"{path} holds NaN or infinite values in its first {count} rows")
+    return [np.ascontiguousarray(arr[i : i + 1], dtype=np.float32) for i in range(count)]
+
+
+def input_source(spec: ModelSpec, images: list[Path] | tuple[Path, ...]) -> dict:
+    """What report.json's input.source says the inputs were: the spec's [inputs] (an .npy file with its
+    sha256), the photos, or the one seeded random input."""
+    src = spec.inputs
+    if src is None:
+        if images:
+            return {"source": "images", "paths": [str(p) for p in images]}
+        return {"source": "random", "kind": "normal", "seed": 0, "count": 1}
+    if src.source == "npy":
+        digest = hashlib.sha256(src.path.read_bytes()).hexdigest()
+        count = src.count or np.load(src.path, mmap_mode="r", allow_pickle=False).shape[0]
+        return {"source": "npy", "path": str(src.path), "sha256": digest, "count": count}
+    out = {"source": "generator", "kind": src.kind, "seed": src.seed, "count": src.count}
+    return {**out, "axis": src.axis} if src.kind == "sine" else out

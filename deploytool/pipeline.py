@@ -20,7 +20,7 @@ from .backends.registry import NCNN_PRECISIONS
 from .convert import convert, pnnx_version
 from .errors import BackendError, SpecError
 from .export import DEFAULT_OPSET, check_opset, export_onnx, export_torchscript
-from .inputs import collect_images, inputs_for
+from .inputs import collect_images, input_source, inputs_for
 from .results import BackendResult, InputItem, RunReport
 from .spec import ModelSpec, build_model
 from .stages import StageCache, digest, file_digest
@@ -486,6 +486,7 @@ def judge_run(
             "name": spec.input_name,
             "shape": list(spec.input_shape),
             "dynamic_shapes": [list(d) for d in spec.dynamic_shapes],  # also checked, from the same files
+            "source": input_source(spec, opts.images),  # photos, [inputs] (generator or .npy) or random
         },
         backends=backends,
         stages=timer.stages,

@@ -48,6 +48,26 @@ DEFAULT_TOLERANCES = {
 }
 
 
+INPUT_SOURCES = ("generator", "npy")
+GENERATOR_KINDS = ("normal", "uniform", "sine")
+MAX_INPUT_COUNT = 256
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """[inputs]: where a non-photo model's inputs come from. `generator`: `count` seeded inputs of
+    `kind` (normal: standard normal; uniform: in [-1, 1); sine: a noisy mixture of sines along `axis`)
+    at the input shape and at each dynamic shape; `npy`: the first `count` rows (default all) of an
+    array (N, *input.shape[1:]) in `path`."""
+
+    source: str
+    kind: str = "normal"
+    seed: int = 0
+    count: int | None = 1
+    axis: int = -1
+    path: Path | None = None
+
+
 @dataclass
 class Preprocess:
     color: str = "rgb"
@@ -75,6 +95,7 @@ class ModelSpec:
     pnnx_moduleop: list[str] = field(default_factory=list)
     task_args: dict[str, Any] = field(default_factory=dict)
     source: str = "<import>"
+    inputs: InputSource | None = None  # [inputs]; None: photos for image tasks, one random input for raw
     onnx: Any = None  # foreign.OnnxRef: the spec names an ONNX file instead of a factory (no PyTorch model)
 
     def tolerance(self, backend: str, precision: str = "fp32", output: str | None = None) -> Tolerance:
@@ -103,13 +124,14 @@ IMAGE_TASKS = ("classify", "detect")
 
 _TOP_KEYS = (
     "name", "factory", "task", "description", "factory_args", "input", "output", "preprocess", "tolerance",
-    "pnnx", "task_args", "onnx",
+    "pnnx", "task_args", "inputs", "onnx",
 )  # fmt: skip
 _TABLE_KEYS = {
     "input": ("name", "shape", "dynamic_shapes"),
     "output": ("names",),
     "preprocess": ("color", "resize", "pad_value", "scale", "mean", "std"),
     "pnnx": ("moduleop",),
+    "inputs": ("source", "kind", "seed", "count", "axis", "path"),
 }
 _TOLERANCE_KEYS = ("atol", "rtol", "peak_rtol", "outputs")
 _CLASSIFY_ARGS = ("top_k", "names", "near_tie_margin")
@@ -396,6 +418,48 @@ def _task_args(data: dict[str, Any], task: str, factory_args: dict[str, Any], so
     return dict(args)
 
 
+def _integer(value: Any, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(f"{where} must be a whole number in [{low}, {high}], got {_type_name(value)}")
+    return value
+
+
+def _inputs(data: dict[str, Any], task: str, rank: int, source: str) -> InputSource | None:
+    """[inputs], checked: a generator's kind, seed, count and (sine) axis, or an .npy file that exists,
+    relative to the spec file. Only raw models take them (image models take photos)."""
+    where = f"{source}: inputs"
+    table = _table(data, "inputs", where, _TABLE_KEYS["inputs"])
+    if not table:
+        return None
+    if task != "raw":
+        raise SpecError(
+            f"{where}: a {task} model takes photos (--images); [inputs] is for task = 'raw' models"
+        )
+    if "source" not in table:
+        raise SpecError(f"{where}: missing key 'source'; set source = 'generator' or 'npy'")
+    kind = _choice(table["source"], INPUT_SOURCES, f"{where}.source")
+    count = table.get("count")
+    count = None if count is None else _integer(count, f"{where}.count", 1, MAX_INPUT_COUNT)
+    if kind == "npy":
+        _known_keys(table, ("source", "path", "count"), f"{where} (source 'npy')")
+        name = _string(table.get("path"), f"{where}.path")
+        path = Path(source).parent / name
+        if not name.endswith(".npy"):
+            raise SpecError(f"{where}.path {name!r} must name an .npy file (numpy.save)")
+        if not path.is_file():
+            raise SpecError(f"{where}.path: {path} does not exist (the path is relative to the spec file)")
+        return InputSource("npy", count=count, path=path)
+    _known_keys(table, ("source", "kind", "seed", "count", "axis"), f"{where} (source 'generator')")
+    generator = _choice(table.get("kind", "normal"), GENERATOR_KINDS, f"{where}.kind")
+    if "axis" in table and generator != "sine":
+        raise SpecError(f"{where}.axis is the time axis of kind 'sine'; kind {generator!r} takes none")
+    axis = _integer(table.get("axis", -1), f"{where}.axis", -rank, rank - 1)
+    if axis in (0, -rank):
+        raise SpecError(f"{where}.axis must not be the batch axis (0); the time axis is 1 or more, or -1")
+    seed = _integer(table.get("seed", 0), f"{where}.seed", 0, 2**63 - 1)
+    return InputSource("generator", generator, seed, 1 if count is None else count, axis)
+
+
 def check_input_shape(spec: ModelSpec) -> None:
     """The input shape fits the task: image tasks take one [1, 3, H, W] photo at a time, and every
     dynamic shape has the input's rank (and, for images, the same form)."""
@@ -408,6 +472,11 @@ def check_input_shape(spec: ModelSpec) -> None:
                     f"be 1,3,H,W; got {','.join(map(str, shape))} (check input.shape, input.dynamic_shapes "
                     "or --input-shape)"
                 )
+    if spec.inputs is not None and spec.inputs.source == "npy" and spec.dynamic_shapes:
+        raise SpecError(
+            f"{spec.source}: inputs from an .npy file have one shape, so input.dynamic_shapes cannot be "
+            "checked with them; remove input.dynamic_shapes or use [inputs] source = 'generator'"
+        )
     for shape in spec.dynamic_shapes:
         if len(shape) != len(spec.input_shape):
             raise SpecError(
@@ -457,13 +526,14 @@ def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
     dynamic = inp.get("dynamic_shapes", [])
     if not isinstance(dynamic, list):
         raise SpecError(f"{source}: input.dynamic_shapes must be a list of shapes, got {_type_name(dynamic)}")
+    input_shape = _shape(inp.get("shape", [1, 3, 224, 224]), f"{source}: input.shape")
     spec = ModelSpec(
         name=data["name"],
         factory=factory,
         task=task,
         factory_args=dict(factory_args),
         input_name=_string(inp.get("name", "input"), f"{source}: input.name"),
-        input_shape=_shape(inp.get("shape", [1, 3, 224, 224]), f"{source}: input.shape"),
+        input_shape=input_shape,
         output_names=names,
         preprocess=_preprocess(data, source),
         tolerances=_tolerances(data, names, source),
@@ -471,6 +541,7 @@ def spec_from_dict(data: dict[str, Any], source: str) -> ModelSpec:
         pnnx_moduleop=_strings(pnnx.get("moduleop", []), f"{source}: pnnx.moduleop"),
         task_args=_task_args(data, task, factory_args, source),
         source=source,
+        inputs=_inputs(data, task, len(input_shape), source),
         onnx=onnx,
     )
     check_input_shape(spec)
