@@ -44,8 +44,10 @@ class NcnnGraph:
 
     @property
     def int8_layers(self) -> list[str]:
-        """Layers whose weights and input run in int8 (8=int8_scale_term set), in graph order."""
-        return [layer.name for layer in self.layers if layer.get(8, 0)]
+        """Layers whose weights and input run in int8 (8=int8_scale_term set), in graph order. Only the
+        types whose param 8 is int8_scale_term count: Gemm's 8 is constantN (its int8 term is 18), so a
+        pnnx Gemm with 8=1 (a constant B) is an fp32 layer."""
+        return [layer.name for layer in self.layers if layer.type in INT8_TERM_TYPES and layer.get(8, 0)]
 
     def producer(self, blob: str) -> Layer | None:
         for layer in self.layers:
@@ -207,6 +209,8 @@ def weight_arrays(layer: Layer) -> list[WeightArray] | None:
     return None
 
 
+# ncnn layer types with param 8 = int8_scale_term (the ones deploytool's int8 quantizes)
+INT8_TERM_TYPES = ("Convolution", "ConvolutionDepthWise", "InnerProduct")
 INT8_SCALE_TERMS = (1, 2, 101, 102)  # 8=: per-channel / per-tensor weight scales; > 100 requantises
 
 

@@ -96,6 +96,13 @@ def files(tmp_path_factory):
     _spec_with(t, "classify_unknown_arg", "top_k = 5", "top_k = 5\nextra = 1")
     (t / "latin1.toml").write_bytes('name = "r\xe9seau"\n'.encode("latin-1"))
     _spec(t, "invalid", "name = \n")
+    # [inputs] of a sequence model (models/lstm.toml) and an .npy model (models/eegnet.toml)
+    lstm, eeg = ((REPO / "models" / f"{m}.toml").read_text() for m in ("lstm", "eegnet"))
+    _spec(t, "inputs_count_zero", lstm.replace("count = 3", "count = 0", 1))
+    _spec(t, "inputs_unknown_kind", lstm.replace('kind = "uniform"', 'kind = "walk"', 1))
+    _spec(t, "inputs_npy_missing", eeg.replace('path = "data/', 'path = "nope.npy" # ', 1))
+    _spec(t, "inputs_npy_wrong_shape", eeg.replace('path = "data/', 'path = "wrong.npy" # ', 1))
+    np.save(t / "wrong.npy", np.zeros((2, 5, 8, 8), np.float32))
     return t
 
 
@@ -445,6 +452,11 @@ CASES = [
         2,
         "--input-shape",
     ),
+    ("run-inputs-count-zero", ["run", "{t}/inputs_count_zero.toml", "--out", "{o}"], 2, "inputs.count"),
+    ("run-inputs-unknown-kind", ["run", "{t}/inputs_unknown_kind.toml", "--out", "{o}"], 2, "'walk'"),
+    ("run-inputs-npy-missing", ["run", "{t}/inputs_npy_missing.toml", "--out", "{o}"], 2, "nope.npy"),
+    ("run-inputs-npy-shape", ["run", "{t}/inputs_npy_wrong_shape.toml", "--out", "{o}"], 2, "[2, 5, 8, 8]"),
+    ("run-inputs-and-images", ["run", "lstm", "--images", str(IMAGES), "--out", "{o}"], 2, "not photos"),
 ]
 
 

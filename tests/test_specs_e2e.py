@@ -15,14 +15,15 @@ IMAGES = Path(__file__).resolve().parent.parent / "images"
 @pytest.mark.slow
 @pytest.mark.parametrize("name", available_models())
 def test_spec_runs_end_to_end_on_cpu(name, tmp_path):
-    onnx_only = load_spec(name).onnx is not None  # a third-party ONNX file: onnxruntime is the reference
+    spec = load_spec(name)
+    onnx_only = spec.onnx is not None  # a third-party ONNX file: onnxruntime is the reference
+    photos = [] if spec.inputs is not None else ["--images", str(IMAGES / "chelsea.jpg")]  # [inputs]: its own
     args = [
         "run",
         name,
         "--backends",
         "ncnn-cpu" if onnx_only else "torch,onnxruntime,ncnn-cpu",
-        "--images",
-        str(IMAGES / "chelsea.jpg"),
+        *photos,
         "--out",
         str(tmp_path),
     ]
