@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_text
 from .errors import ExportError, SpecError
 
 DEFAULT_OPSET = 17
@@ -34,7 +34,7 @@ def export_torchscript(model, example, path: Path) -> Path:
             warnings.simplefilter("ignore", DeprecationWarning)  # tracing is deliberate: pnnx reads it
             traced = torch.jit.trace(model, example)
     except Exception as exc:
-        raise ExportError(f"torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
+        raise _failure("torch.jit.trace failed", exc, path) from exc
     with atomic_path(path) as tmp:
         traced.save(str(tmp))
     return path
@@ -77,7 +77,22 @@ def export_onnx(
                 )
             onnx.checker.check_model(str(tmp))
         except onnx.checker.ValidationError as exc:
-            raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+            raise _failure("onnx.checker rejected the exported model", exc, path) from exc
         except Exception as exc:
-            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+            raise _failure("ONNX export failed", exc, path) from exc
     return path
+
+
+def _failure(what: str, exc: Exception, path: Path) -> ExportError:
+    """One line for the user: the exception's first line; its whole text (torch's can hold the entire
+    graph, kilobytes) goes to logs/export-<file>.log beside the output."""
+    text = str(exc).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if len(first) > 300:
+        first = first[:300] + "…"
+    msg = f"{what}: {type(exc).__name__}: {first}"
+    if text != first:
+        log = Path(path).parent / "logs" / f"export-{Path(path).name}.log"
+        write_text(log, f"{what}: {type(exc).__name__}\n{text}\n")
+        msg += f"; full message: {log}"
+    return ExportError(msg)
