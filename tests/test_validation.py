@@ -165,7 +165,7 @@ def test_a_value_of_the_wrong_type_or_range_names_its_key(key, value, needles):
             ["tolerance.ncnn-vulcan", "did you mean 'ncnn-vulkan'"],
         ),
         ("tolerance.ncnn-cpu-fp32", {"atol": 1, "rtol": 1}, ["tolerance.ncnn-cpu-fp32"]),
-        ("inputs", {}, ["unknown key(s) inputs", "did you mean 'input'"]),
+        ("inptu", {}, ["unknown key(s) inptu", "did you mean 'input'"]),
     ],
 )
 def test_unknown_keys_at_every_level_are_refused(key, value, needles):
