@@ -576,6 +576,10 @@ def matrix(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="redo every export, conversion and inference")
     ] = False,
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="the stage cache folder (default: ~/.cache/deploytool/stages)"),
+    ] = None,
 ) -> None:
     """Run model × backend × precision and write one table (matrix.md), matrix.json and junit.xml; exit 1
     when a cell fails, 3 when a job could not run. Export, conversion and outputs are cached (keyed by
@@ -594,7 +598,7 @@ def matrix(
             models=tuple(names), backends=backends,
             precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
             jobs=jobs if jobs is not None else (os.cpu_count() or 1), shard=parse_shard(shard), out=out,
-            cache=None if no_cache else cache_root() / "stages",
+            cache=None if no_cache else (cache or cache_root() / "stages"),
         )  # fmt: skip
         result = run_matrix(opts)
     from .matrix import markdown
