@@ -14,10 +14,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from deploytool.atomic import write_text  # noqa: E402
-
 from zoo_timing import BEGIN as ZOO_BEGIN  # noqa: E402  (scripts/ is on sys.path: this script's folder)
 from zoo_timing import END as ZOO_END  # noqa: E402
+
+from deploytool.atomic import write_text  # noqa: E402
 from deploytool.bench import BenchOptions, bench_markdown, bench_model  # noqa: E402
 from deploytool.errors import DeployError  # noqa: E402
 from deploytool.judge import DEFAULT_BUDGET  # noqa: E402
