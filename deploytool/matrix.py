@@ -127,9 +127,11 @@ def run_matrix(opts: MatrixOptions) -> MatrixReport:
     threads = max(1, (os.cpu_count() or 1) // opts.jobs)  # workers share the cores, never oversubscribe
     if opts.jobs == 1:
         done = [_run_job(job, opts, threads) for job in jobs]
-    else:
+    else:  # the biggest jobs first, so one long job does not start last and run alone
         with ProcessPoolExecutor(opts.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_job, job, opts, threads) for job in jobs]
+            futures = [
+                pool.submit(_run_job, job, opts, threads) for job in sorted(jobs, key=_cost, reverse=True)
+            ]
             done = [f.result() for f in as_completed(futures)]
     for info, cells in sorted(done, key=lambda d: d[0]["job"]):
         report.jobs.append(info)
@@ -137,6 +139,16 @@ def run_matrix(opts: MatrixOptions) -> MatrixReport:
     report.seconds = round(time.perf_counter() - started, 2)
     write_matrix(report, opts.out)
     return report
+
+
+def _cost(job: Job) -> tuple[int, str]:
+    """A job's expected size before anything ran: its input elements at every declared shape."""
+    import math
+
+    from .spec import load_spec
+
+    spec = load_spec(job.model)
+    return sum(math.prod(s) for s in (spec.input_shape, *spec.dynamic_shapes)), job.name
 
 
 def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[dict]]:
@@ -151,6 +163,9 @@ def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[di
 
     if opts.jobs > 1:
         progress.configure(quiet=True)  # workers' steps would interleave; the parent prints per job
+        # Mesa's llvmpipe (ncnn-vulkan without a GPU) starts a thread per core in every process: hold each
+        # worker's Vulkan to its share of the cores too, unless the user set it
+        os.environ.setdefault("LP_NUM_THREADS", str(threads))
     started = time.perf_counter()
     out = Path(opts.out) / job.model / job.precision
     try:
