@@ -41,3 +41,19 @@ def resnet_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("resnet18")
     report = run(load_spec("resnet18"), RunOptions(out=out, images=(IMAGES,))).to_dict()
     return out, report
+
+
+# The aarch64 test board (tests/sshd.py): an sshd on 127.0.0.1 whose runner executes under qemu-aarch64,
+# one per test module that asks for it; and the cross-built runner it gets.
+@pytest.fixture(scope="module")
+def arm_board():
+    import sshd
+
+    yield from sshd.arm_board()
+
+
+@pytest.fixture(scope="module")
+def arm_runner():
+    import sshd
+
+    return sshd.arm_runner()

@@ -31,11 +31,6 @@ def _invoke(*args):
     return result
 
 
-@pytest.fixture(scope="module")
-def arm_board():
-    yield from sshd.arm_board()
-
-
 @pytest.fixture(autouse=True)
 def board_env(request, monkeypatch, tmp_path):
     sshd.board_env(request, monkeypatch, tmp_path)

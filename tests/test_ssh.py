@@ -19,16 +19,6 @@ from deploytool.targets.build import build_runner
 from deploytool.targets.ssh import Destination, SshTarget, parse_destination
 
 
-@pytest.fixture(scope="module")
-def arm_board():
-    yield from sshd.arm_board()
-
-
-@pytest.fixture(scope="module")
-def arm_runner():
-    return sshd.arm_runner()
-
-
 @pytest.fixture(autouse=True)
 def board_env(request, monkeypatch, tmp_path):
     sshd.board_env(request, monkeypatch, tmp_path)
