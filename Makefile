@@ -27,8 +27,10 @@ demo: setup
 # (a test module's tests on one worker, so its fixtures are made once):
 #   make test PYTEST_ARGS="-n auto --dist loadfile"
 # On 2 cores that is slower (measured: 889 s against 795 s serial): the tests already use both cores.
+# First the layers contract in pyproject.toml ([tool.importlinter]): an import against it fails the run.
 PYTEST_ARGS ?=
 test: setup ncnn
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Every spec in models/ on the default backends as one gate: out/zoo/matrix.md, matrix.json, junit.xml.
@@ -41,6 +43,7 @@ bench: setup
 	$(BIN)/python scripts/bench.py
 
 lint: setup
+	$(BIN)/lint-imports
 	$(BIN)/ruff check deploytool tests
 	$(BIN)/ruff format --check deploytool tests
 

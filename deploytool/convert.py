@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 import sys
@@ -13,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BackendUnavailable, ConvertError, SpecError
+from .errors import BackendUnavailable, ConvertError, SpecError, did_you_mean
 from .ncnn_param import read_param
 from .progress import step
 from .tools import run_tool
@@ -50,8 +49,7 @@ def check_converter(name: str) -> str:
     """`name` if it is a converter deploytool runs; otherwise the user's error (--converter), with the
     closest name suggested. Cheap: call it before exporting anything."""
     if name not in CONVERTERS:
-        close = difflib.get_close_matches(str(name), CONVERTERS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(str(name), CONVERTERS)
         raise SpecError(
             f"unknown converter {name!r}; {hint}choose one of {', '.join(CONVERTERS)} (--converter)"
         )
@@ -379,7 +377,7 @@ def convert_file(
     order: the file's suffix, the converter's name and that it takes this kind of file, the shape's
     syntax, that the converter is installed, the file's content (a readable TorchScript archive or ONNX
     model) and that the shape fits the ONNX graph's declared input."""
-    from .spec import parse_shape
+    from .spec_toml import parse_shape
 
     file = Path(file)
     if file.is_dir():
@@ -425,12 +423,3 @@ def convert_file(
         fp16_weights=fp16_weights,
         onnx2ncnn=onnx2ncnn,
     )
-
-
-def pnnx_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pnnx")
-    except PackageNotFoundError:
-        return None

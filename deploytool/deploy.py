@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import MARKER, _DamagedMarker, read_marker, runner_path
+from .bundle.target import MARKER, DamagedMarker, read_marker, runner_path
 from .errors import BackendUnavailable, DeployError, RemoteDeployError, SpecError
 from .targets.build import RUNNER_EXE, build_commands, ncnn_wheel_version
 from .targets.ssh import (
@@ -112,7 +112,7 @@ def check_bundle(bundle: Path) -> dict:
         )
     try:
         marked = read_marker(bundle)
-    except _DamagedMarker as exc:
+    except DamagedMarker as exc:
         raise SpecError(f"{bundle}: damaged {MARKER} ({exc}); make the bundle again") from None
     if marked is None:
         raise SpecError(f"{bundle}: not a deploytool bundle (no {MARKER}); make one with `deploytool bundle`")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .errors import SpecError
-from .inputs import Geometry
+from .results import DetectionParity, Geometry
+from .spec import DetectSettings
 
 # Two detections of one class overlapping less than this are different objects, not a poor match.
 MATCH_IOU_FLOOR = 0.5
@@ -49,67 +48,6 @@ class Detections:
                 item["class"] = names[cls]
             out.append(item)
         return out
-
-
-@dataclass(frozen=True)
-class DetectSettings:
-    """The detection task's knobs, read from a spec's [task_args]."""
-
-    conf: float = 0.25
-    iou: float = 0.45
-    max_det: int = 300
-    margin: float = 0.05
-    score_tol: float = 0.05
-    iou_min: float = 0.95
-    box_tol_px: float = 1.0
-    names: tuple[str, ...] = ()
-
-    @classmethod
-    def from_task_args(cls, args: dict[str, Any], source: str = "<spec>") -> DetectSettings:
-        """Validate [task_args]: confidence, iou, max_det, margin, score_tol, iou_min, box_tol_px, names.
-        Every value must have the right type and range (no booleans, NaN or infinity); an unknown key is
-        an error, with the closest known key suggested."""
-        known = ("confidence", "iou", "max_det", "margin", "score_tol", "iou_min", "box_tol_px", "names")
-        if not isinstance(args, dict):
-            raise SpecError(f"{source}: task_args must be a table, got {args!r}")
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise SpecError(
-                f"{source}: unknown task_args key(s) {', '.join(unknown)} for task 'detect'; {hint}"
-                f"allowed: {', '.join(sorted(known))}"
-            )
-        d = cls()
-        fields = {
-            "confidence": "conf",
-            "iou": "iou",
-            "margin": "margin",
-            "score_tol": "score_tol",
-            "iou_min": "iou_min",
-        }
-        values = {}
-        for key, attr in fields.items():
-            value = args.get(key, getattr(d, attr))
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise SpecError(f"{source}: task_args.{key} must be a number in [0, 1], got {value!r}")
-            values[attr] = float(value)
-        max_det = args.get("max_det", d.max_det)
-        if not isinstance(max_det, int) or isinstance(max_det, bool) or max_det <= 0:
-            raise SpecError(f"{source}: task_args.max_det must be a positive integer, got {max_det!r}")
-        box_tol = args.get("box_tol_px", d.box_tol_px)
-        if not _is_number(box_tol) or box_tol < 0:
-            raise SpecError(f"{source}: task_args.box_tol_px must be a finite number >= 0, got {box_tol!r}")
-        values["box_tol_px"] = float(box_tol)
-        names = args.get("names", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise SpecError(f"{source}: task_args.names must be a list of non-empty strings")
-        return cls(max_det=max_det, names=tuple(names), **values)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a boolean."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def postprocess(
@@ -174,47 +112,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-@dataclass
-class DetectionParity:
-    """How well one backend's detections agree with the reference's."""
-
-    passed: bool
-    conf: float
-    margin: float
-    iou_min: float
-    score_tol: float
-    n_ref: int  # detections at or above conf
-    n_got: int
-    matched: int  # pairs (same class, IoU >= MATCH_IOU_FLOOR)
-    unmatched_ref: int
-    unmatched_got: int
-    min_iou: float | None  # over matched pairs; None when nothing matched
-    max_score_diff: float | None
-    max_box_diff_px: float | None  # largest coordinate difference of a matched pair, original pixels
-    borderline: int  # unmatched detections within `margin` of conf: may flip, not failures
-    failures: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report.json form."""
-        return {
-            "passed": self.passed,
-            "confidence": self.conf,
-            "margin": self.margin,
-            "iou_min": self.iou_min,
-            "score_tol": self.score_tol,
-            "n_ref": self.n_ref,
-            "n_got": self.n_got,
-            "matched": self.matched,
-            "unmatched_ref": self.unmatched_ref,
-            "unmatched_got": self.unmatched_got,
-            "min_iou": self.min_iou,
-            "max_score_diff": self.max_score_diff,
-            "max_box_diff_px": self.max_box_diff_px,
-            "borderline": self.borderline,
-            "failures": list(self.failures),
-        }
 
 
 def _describe(d: Detections, i: int) -> str:

@@ -18,8 +18,8 @@ def facts() -> list[Fact]:
     from .backends import BACKENDS, get_backend
     from .backends.ncnn_runner import vulkan_device_name
     from .convert import find_onnx2ncnn, find_pnnx
-    from .pipeline import versions
     from .targets.build import ncnn_cmake_dir
+    from .versions import versions
 
     out = [Fact(name, ver or "not installed", ver is not None) for name, ver in versions().items()]
     device = vulkan_device_name()

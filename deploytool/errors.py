@@ -1,5 +1,7 @@
 """Typed errors; cli.py maps each class to its exit code."""
 
+import difflib
+
 
 class DeployError(Exception):
     """Base class: the message says what failed, why, and which flag fixes it."""
@@ -48,3 +50,10 @@ class RemoteDeployError(DeployError):
     runner there (exit 3)."""
 
     exit_code = 3
+
+
+def did_you_mean(word: str, choices) -> str:
+    """The hint `did you mean 'CLOSEST'? ` (with its trailing space) for the choice closest to `word`,
+    or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""

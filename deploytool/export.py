@@ -96,3 +96,26 @@ def _failure(what: str, exc: Exception, path: Path) -> ExportError:
         write_text(log, f"{what}: {type(exc).__name__}\n{text}\n")
         msg += f"; full message: {log}"
     return ExportError(msg)
+
+
+def example_tensor(x):
+    """The torch tensor that tracing and export run on (from a numpy array)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def try_forward(model, example, spec) -> None:
+    """Run the eager model once so a shape it cannot take is reported as the user's input error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError) as exc:
+        shape = ",".join(map(str, spec.input_shape))
+        first = str(exc).strip().splitlines()[0]
+        raise SpecError(
+            f"{spec.name} cannot run on input shape {shape} ({first}); check --input-shape"
+        ) from None

@@ -7,100 +7,19 @@ backend is run and judged against onnxruntime by the same infer/judge stages."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from .backends import BACKENDS, Artifacts, get_backend, select_backends
-from .errors import BackendUnavailable, SpecError
-from .spec import ModelSpec, check_input_shape, check_name, parse_shape
+from .backends import BACKENDS, Artifacts, get_backend, role, select_backends
+from .errors import SpecError
+from .spec import ModelSpec, OnnxRef
+from .spec_toml import check_input_shape, check_name, parse_shape
 
-ORT = "onnxruntime"
+ORT = role("onnx_reference")
 # What a backend may need from an ONNX-only run: everything but the PyTorch model and TorchScript.
 _ONNX_ARTIFACTS = ("onnx", "ncnn_param", "ncnn_bin")
-_KEYS = ("path", "package", "file", "install")
-
-
-@dataclass(frozen=True)
-class OnnxRef:
-    """Where a spec's ONNX file is: `path` (relative to the spec's folder), or `file` inside the
-    installed Python package `package` (found with importlib, never imported, never downloaded);
-    `install` is the command that installs the package, shown when it is missing."""
-
-    source: str  # the spec that names it, for messages
-    path: Path | None = None
-    package: str | None = None
-    file: str | None = None
-    install: str | None = None
-
-    def __str__(self) -> str:
-        return str(self.path) if self.path is not None else f"{self.package}:{self.file}"
-
-    @classmethod
-    def from_table(cls, table: Any, source: str) -> OnnxRef:
-        """The spec's [onnx] table, checked: either `path`, or `package` and `file` (+ `install`)."""
-        where = f"{source}: onnx"
-        if not isinstance(table, dict):
-            raise SpecError(
-                f"{where} must be a table: path = 'model.onnx', or package = '...' and file = '...'"
-            )
-        unknown = sorted(set(table) - set(_KEYS))
-        if unknown:
-            raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(_KEYS)})")
-        for key, value in table.items():
-            if not isinstance(value, str) or not value.strip():
-                raise SpecError(f"{where}.{key} must be a non-empty string, got {value!r}")
-        if ("path" in table) == ("package" in table):
-            raise SpecError(f"{where}: give path (a file) or package and file (a file inside a package)")
-        if "path" in table:
-            if {"file", "install"} & set(table):
-                raise SpecError(f"{where}: file and install go with package, not with path")
-            return cls(source, path=Path(source).parent / table["path"])
-        if "file" not in table:
-            raise SpecError(f"{where}: package needs file, the ONNX file's path inside the package")
-        if Path(table["file"]).is_absolute() or ".." in Path(table["file"]).parts:
-            raise SpecError(f"{where}.file must be a path inside the package, got {table['file']!r}")
-        if not all(part.isidentifier() for part in table["package"].split(".")):
-            raise SpecError(f"{where}.package {table['package']!r} is not a Python package name")
-        return cls(source, package=table["package"], file=table["file"], install=table.get("install"))
-
-    def resolve(self) -> Path:
-        """The ONNX file. A missing package is BackendUnavailable (exit 4) saying how to install it; a
-        missing file is the spec's error."""
-        if self.path is not None:
-            if not self.path.is_file():
-                raise SpecError(f"{self.source}: onnx.path {self.path} does not exist")
-            return self.path
-        folder = _package_folder(self.package)
-        if folder is None:
-            how = f"`{self.install}`" if self.install else f"pip install {self.package}"
-            raise BackendUnavailable(
-                f"{self.source} needs the ONNX file {self.file} from Python package {self.package!r}, which "
-                f"is not installed; install it with {how}"
-            )
-        path = folder / self.file
-        if not path.is_file():
-            raise SpecError(
-                f"{self.source}: package {self.package!r} (at {folder}) has no {self.file}; check onnx.file "
-                "or the package's version"
-            )
-        return path
-
-
-def _package_folder(package: str) -> Path | None:
-    """The folder of an installed package, without importing it (its own imports may be missing: a
-    package installed with --no-deps for its data files)."""
-    top = package.split(".")[0]
-    try:
-        found = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return None
-    if found is None or not found.submodule_search_locations:
-        return None
-    return Path(next(iter(found.submodule_search_locations))).joinpath(*package.split(".")[1:])
 
 
 def is_onnx_file(model: str) -> bool:
@@ -112,7 +31,6 @@ def spec_for_file(file: Path, input_shape: str | None) -> ModelSpec:
     """The spec of a bare FILE.onnx: input and output names from the graph, the shape from
     --input-shape or the graph's fixed one, default tolerances, a seeded random input."""
     from .convert import check_onnx_file, onnx_declared_input
-    from .parity import _synth_spec
 
     file = Path(file)
     if not file.is_file():
@@ -129,8 +47,34 @@ def spec_for_file(file: Path, input_shape: str | None) -> ModelSpec:
             "e.g. --input-shape 1,3,224,224"
         )
     name = check_name(file.stem, str(file))
-    spec = _synth_spec(Artifacts(onnx=file), name, shape)
+    spec = synth_spec(Artifacts(onnx=file), name, shape)
     return replace(spec, source=str(file), onnx=OnnxRef(str(file), path=file))
+
+
+def synth_spec(art: Artifacts, name: str, shape: tuple[int, ...] | None) -> ModelSpec:
+    """A spec for artifacts that came without one: names from the files, shape from the user."""
+    if art.onnx is not None:
+        import onnx
+
+        try:
+            graph = onnx.load(str(art.onnx), load_external_data=False).graph
+        except Exception as exc:  # protobuf's DecodeError and friends: the file is not an ONNX model
+            raise SpecError(f"{art.onnx} is not a readable ONNX model ({type(exc).__name__})") from None
+        inits = {i.name for i in graph.initializer}
+        ins = [i.name for i in graph.input if i.name not in inits]
+        outs = [o.name for o in graph.output]
+    elif art.ncnn_param is not None:
+        from .ncnn_param import read_param
+
+        g = read_param(art.ncnn_param)
+        ins, outs = g.input_names, g.output_names
+    else:
+        raise SpecError("a TorchScript file alone does not say its outputs; pass --model")
+    if len(ins) != 1:
+        raise SpecError(f"the model has inputs {ins}; parity supports single-input models")
+    return ModelSpec(
+        name=name, factory="", input_name=ins[0], input_shape=shape or (1,), output_names=outs, source=name
+    )
 
 
 def check_against_graph(spec: ModelSpec, file: Path) -> None:
@@ -176,7 +120,7 @@ def _backends(requested: str | None) -> tuple[list[str], dict]:
         if name.strip() and set(get_backend(name.strip()).needs) - set(_ONNX_ARTIFACTS):
             raise SpecError(
                 f"backend {name.strip()} needs the PyTorch model, and this run has only an ONNX file "
-                "(the reference is onnxruntime); drop it from --backends"
+                f"(the reference is {ORT}); drop it from --backends"
             )
     default = [
         b.name
@@ -217,7 +161,11 @@ def run_onnx(spec: ModelSpec, opts):
     """`deploytool run` on a spec with [onnx] or a bare FILE.onnx: link it into opts.out as model.onnx,
     convert it with opts.recipe's converter, run every backend and judge it against onnxruntime.
     Everything is checked before any work: the file, its graph against the spec, the backends."""
-    from .pipeline import StageTimer, convert_stage, infer_all, judge_run, prepare_run_folder
+    from .infer import infer_all
+    from .pipeline import judge_run
+    from .progress import StageTimer
+    from .runfolder import prepare_run_folder
+    from .stages import convert_stage
 
     if opts.recipe.int8 or opts.budget is not None or opts.weights is not None:
         flag = "--weights" if opts.weights else "--precision auto" if opts.budget else "--ncnn-precision int8"

@@ -4,41 +4,43 @@ not take photos, the inputs their spec's [inputs] declares (a seeded generator o
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .errors import SpecError
-from .results import InputItem
+from .results import Geometry, InputItem
 from .spec import InputSource, ModelSpec, Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How the original image maps into the network input: x_in = x_orig * scale + pad_x."""
-
-    orig_w: int
-    orig_h: int
-    scale_x: float
-    scale_y: float
-    pad_x: float
-    pad_y: float
-
-    def to_original(self, boxes_xyxy: np.ndarray) -> np.ndarray:
-        """Map boxes from network-input pixels back to original-image pixels, clipped to the image."""
-        b = np.asarray(boxes_xyxy, dtype=np.float32).copy()
-        b[:, [0, 2]] = ((b[:, [0, 2]] - self.pad_x) / self.scale_x).clip(0, self.orig_w)
-        b[:, [1, 3]] = ((b[:, [1, 3]] - self.pad_y) / self.scale_y).clip(0, self.orig_h)
-        return b
 
 
 def default_images() -> list[Path]:
     """The photos shipped in images/ (./images when run from a checkout)."""
     here = Path.cwd() / "images"
     return [here if here.is_dir() else Path(__file__).resolve().parent.parent / "images"]
+
+
+def calibration_images() -> tuple[Path, ...]:
+    """The default calibration photos: images/calib (public-domain photos, disjoint from images/eval)."""
+    return (default_images()[0] / "calib",)
+
+
+def calibration_feeds(
+    spec: ModelSpec, images: Sequence[Path | str]
+) -> Callable[[], Iterable[dict[str, np.ndarray]]]:
+    """The calibration photos preprocessed by the spec's own preprocessing, one at a time (a function
+    returning a fresh generator, so calibration can read them twice without holding them all)."""
+    paths = collect_images([Path(p) for p in images])
+    height, width = spec.input_shape[2], spec.input_shape[3]
+
+    def feeds():
+        for path in paths:
+            x, _ = preprocess(read_image(path), spec.preprocess, width, height)
+            yield {spec.input_name: x}
+
+    return feeds
 
 
 def images_or_default(images: list[Path] | None, task: str) -> tuple[Path, ...]:

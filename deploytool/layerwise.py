@@ -12,8 +12,9 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import atomic_path
 from .interpreter import NcnnInterpreter
-from .judge import compare_tensors
+from .judge import LAYER_TOLERANCES, MATCH_TOLERANCE, compare_tensors
 from .ncnn_param import NcnnGraph
+from .registry import is_int8
 from .results import LayerRow
 from .spec import Tolerance
 
@@ -252,14 +253,6 @@ def scale_layer_weights(
 # ---------------------------------------------------------------------------------------------
 # the report `deploytool parity --layerwise` builds from the pieces above
 
-FP32_PEAK_RTOL = 1e-4  # ncnn fp32 kernels vs the float64 interpreter: measured ≤ 2.5e-6 on ResNet18
-FP16_PEAK_RTOL = 1e-2  # fp16 storage (Vulkan, ncnn fp16 mode): measured ≤ 2.5e-3 on llvmpipe
-# ncnn's int8 kernels vs the interpreter's int8 arithmetic (round half away, clamp to ±127, integer
-# sums), layer by layer on ncnn's own inputs: measured ≤ 5.1e-4 on EfficientNet-Lite0 (a depthwise
-# layer), 1.3e-7 on ResNet18 (x86, AVX-512 VNNI)
-INT8_PEAK_RTOL = 2e-3
-MATCH_ATOL = MATCH_RTOL = 1e-3  # torch tensor vs ncnn blob, values compared elementwise
-
 
 def _layer_by_layer(interpreter, blobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each layer's outputs computed by the interpreter from `blobs` (another backend's) as inputs."""
@@ -314,34 +307,36 @@ def layerwise(
     with cpu:
         cpu_blobs = cpu.extract_all(ncnn_feed)
     interpreter = NcnnInterpreter(param, bin_)
-    if precision == "int8":
+    if is_int8(precision):
         # int8: each layer on ncnn's own input blobs. Run end to end, a float difference far below
         # anything that matters moves a value across an int8 rounding edge, and one step of one
         # input times a large weight cascades (EfficientNet-Lite0: peak_rel 0.26 end to end, 3e-6
         # layer by layer); per layer, each int8 kernel is held to the int8 arithmetic itself
         interp_blobs = _layer_by_layer(interpreter, cpu_blobs)
-        name, peak = "ncnn-cpu vs interpreter, per layer", INT8_PEAK_RTOL
+        name = "ncnn-cpu vs interpreter, per layer"
     else:
         interp_blobs = interpreter.run(ncnn_feed)
-        name, peak = "ncnn-cpu vs interpreter", FP32_PEAK_RTOL if precision == "fp32" else FP16_PEAK_RTOL
+        name = "ncnn-cpu vs interpreter"
+    peak = LAYER_TOLERANCES[precision].peak_rtol
     rows = _rows(name, graph, compare_blobs(cpu_blobs, interp_blobs, graph, 0.0, 0.0, peak_rtol=peak))
     # an int8 model differs from torch by its quantisation at every int8 layer (what `quantize
     # --explain` measures), and Vulkan's fp16 storage between int8 layers cascades the same way
     # (peak_rel up to 1.0 mid-network on EfficientNet-Lite0, final cosine 0.98): both are judged
     # end to end at the int8 tolerance, not blob by blob
-    if model is not None and precision != "int8":
+    if model is not None and not is_int8(precision):
         records = record_torch(model, torch.from_numpy(np.ascontiguousarray(x)))
         for name, blobs in (("torch vs ncnn-cpu", cpu_blobs), ("torch vs interpreter", interp_blobs)):
-            matches = match_torch(blobs, graph, records, MATCH_ATOL, MATCH_RTOL)
+            matches = match_torch(blobs, graph, records, MATCH_TOLERANCE.atol, MATCH_TOLERANCE.rtol)
             rows += _match_rows(name, graph, matches, blame(matches, graph))
-    if vulkan and precision != "int8":
+    if vulkan and not is_int8(precision):
         gpu = NcnnVulkanRunner(param, bin_, precision=precision, threads=threads)
         with gpu:
             gpu_blobs = gpu.extract_all(ncnn_feed)
+        storage = LAYER_TOLERANCES["fp16"].peak_rtol  # Vulkan keeps fp16 storage at every precision
         rows += _rows(
             "ncnn-vulkan vs ncnn-cpu",
             graph,
-            compare_blobs(gpu_blobs, cpu_blobs, graph, 0.0, 0.0, peak_rtol=FP16_PEAK_RTOL),
+            compare_blobs(gpu_blobs, cpu_blobs, graph, 0.0, 0.0, peak_rtol=storage),
         )
     first: dict[str, LayerRow | None] = {}
     for row in rows:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .atomic import write_text
 from .errors import DeployError, SpecError
+from .results import RunReport, exit_code
 
 SCHEMA = 1
 FILES = ("matrix.json", "matrix.md", "junit.xml")
@@ -59,9 +60,19 @@ class Cell:
 
 
 @dataclass
+class JobRecord:
+    """How one (model, precision) job went: its time, and why it could not run."""
+
+    job: str
+    seconds: float
+    status: str  # ok | error
+    error: str | None = None
+
+
+@dataclass
 class MatrixReport:
     cells: list[Cell] = field(default_factory=list)
-    jobs: list[dict] = field(default_factory=list)  # {job, seconds, status, error}
+    jobs: list[JobRecord] = field(default_factory=list)
     shard: tuple[int, int] = (1, 1)
     seconds: float = 0.0
 
@@ -77,13 +88,17 @@ class MatrixReport:
     def exit_code(self) -> int:
         """3 when a job could not run (a tool failed), else 1 when a check failed, else 0 (and 1 when
         nothing was checked at all: zero checks is never a pass)."""
-        if any(c.status == "error" for c in self.cells):
-            return 3
-        return 0 if self.passed else 1
+        return exit_code(self.passed, failed=any(c.status == "error" for c in self.cells))
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "passed": self.passed, "shard": list(self.shard), "seconds": self.seconds,
-                "jobs": self.jobs, "cells": [asdict(c) for c in self.cells]}  # fmt: skip
+                "jobs": [asdict(j) for j in self.jobs], "cells": [asdict(c) for c in self.cells]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MatrixReport:
+        """A matrix.json read back; `schema` and `passed` are derived, not read."""
+        return cls(cells=[Cell(**c) for c in d["cells"]], jobs=[JobRecord(**j) for j in d.get("jobs", [])],
+                   shard=tuple(d.get("shard", (1, 1))), seconds=float(d.get("seconds", 0.0)))  # fmt: skip
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -99,8 +114,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def plan(opts: MatrixOptions) -> list[Job]:
     """Every (model, precision) in a fixed order, then this shard's slice of them: job k goes to shard
     k mod N, so shards are disjoint, cover everything, and do not depend on the machine."""
-    from .backends.registry import NCNN_PRECISIONS
-    from .spec import available_models, load_spec
+    from .registry import NCNN_PRECISIONS
+    from .spec import available_models
+    from .spec_toml import load_spec
 
     for p in opts.precisions:
         if p not in NCNN_PRECISIONS:
@@ -115,7 +131,7 @@ def plan(opts: MatrixOptions) -> list[Job]:
 
 def run_matrix(opts: MatrixOptions) -> MatrixReport:
     """Run this shard's jobs, `opts.jobs` at a time, and write matrix.json/.md and junit.xml to opts.out."""
-    from .backends.registry import parse_backends
+    from .registry import parse_backends
 
     if opts.jobs < 1:
         raise SpecError(f"--jobs must be at least 1, got {opts.jobs}")
@@ -133,9 +149,9 @@ def run_matrix(opts: MatrixOptions) -> MatrixReport:
                 pool.submit(_run_job, job, opts, threads) for job in sorted(jobs, key=_cost, reverse=True)
             ]
             done = [f.result() for f in as_completed(futures)]
-    for info, cells in sorted(done, key=lambda d: d[0]["job"]):
-        report.jobs.append(info)
-        report.cells += [Cell(**c) for c in cells]
+    for record, cells in sorted(done, key=lambda d: d[0].job):
+        report.jobs.append(record)
+        report.cells += cells
     report.seconds = round(time.perf_counter() - started, 2)
     write_matrix(report, opts.out)
     return report
@@ -145,21 +161,22 @@ def _cost(job: Job) -> tuple[int, str]:
     """A job's expected size before anything ran: its input elements at every declared shape."""
     import math
 
-    from .spec import load_spec
+    from .spec_toml import load_spec
 
     spec = load_spec(job.model)
     return sum(math.prod(s) for s in (spec.input_shape, *spec.dynamic_shapes)), job.name
 
 
-def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[dict]]:
+def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[JobRecord, list[Cell]]:
     """One (model, precision) through the pipeline, in this process; never raises for a DeployError."""
     from . import progress
-    from .backends.registry import get_backend, parse_backends
     from .foreign import run_onnx
     from .inputs import images_or_default
-    from .pipeline import Recipe, RunOptions, run
+    from .options import Recipe, RunOptions
+    from .pipeline import run
+    from .registry import get_backend, is_int8, parse_backends
     from .report import write_json
-    from .spec import load_spec
+    from .spec_toml import load_spec
 
     if opts.jobs > 1:
         progress.configure(quiet=True)  # workers' steps would interleave; the parent prints per job
@@ -171,9 +188,7 @@ def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[di
     try:
         spec = load_spec(job.model)
         onnx = spec.onnx is not None  # a spec naming an ONNX file: ONNX Runtime is its reference
-        recipe = Recipe(
-            converter="pnnx-onnx" if onnx else "pnnx", quantize="kl" if job.precision == "int8" else None
-        )
+        recipe = Recipe.from_flags("pnnx-onnx" if onnx else "pnnx", int8=is_int8(job.precision))
         backends = opts.backends
         if onnx and backends is not None:  # each model is judged against its own reference: no torch here
             backends = ",".join(b for b in parse_backends(backends) if get_backend(b).family != "torch")
@@ -185,19 +200,19 @@ def _run_job(job: Job, opts: MatrixOptions, threads: int) -> tuple[dict, list[di
         write_json(report, out / "report.json")
     except DeployError as exc:
         seconds = round(time.perf_counter() - started, 2)
-        info = {"job": job.name, "seconds": seconds, "status": "error", "error": str(exc)}
-        return info, [asdict(Cell(job.model, "*", job.precision, "error", str(exc), seconds))]
+        record = JobRecord(job.name, seconds, "error", str(exc))
+        return record, [Cell(job.model, "*", job.precision, "error", str(exc), seconds)]
     seconds = round(time.perf_counter() - started, 2)
-    cells = [asdict(c) for c in cells_of(report, job, seconds)]
-    return {"job": job.name, "seconds": seconds, "status": "ok", "error": None}, cells
+    return JobRecord(job.name, seconds, "ok"), cells_of(report, job, seconds)
 
 
-def cells_of(report, job: Job, seconds: float) -> list[Cell]:
+def cells_of(report: RunReport, job: Job, seconds: float) -> list[Cell]:
     """One cell per backend of a run (the reference marked as such): its verdict and worst numbers. Backends
     that do not take an ncnn precision are reported under fp32 only."""
-    from .backends.registry import get_backend
+    from .registry import get_backend
 
     cells = []
+    verdicts = report.verdicts
     for name, info in report.backends.items():
         precision = job.precision if get_backend(name).takes_precision else "fp32"
         if precision != job.precision:
@@ -208,27 +223,17 @@ def cells_of(report, job: Job, seconds: float) -> list[Cell]:
         if not info.available:
             cells.append(Cell(job.model, name, precision, "skipped", info.reason or "", seconds))
             continue
-        if info.error is not None:
-            cells.append(Cell(job.model, name, precision, "error", info.error, seconds))
+        v = verdicts[name]
+        if v.error is not None:
+            cells.append(Cell(job.model, name, precision, "error", v.error, seconds))
             continue
-        checks = [c for c in report.comparisons if c.backend == name]
-        task = report.task.get(name)
-        ok = (
-            all(c.passed for c in checks)
-            and (task is None or task.passed)
-            and name not in report.failed_image_paths
-        )
-        worst = f"max_abs {max(c.max_abs for c in checks):.3g}" if checks else "no checks"
-        if checks:
-            worst += f", cosine {min(c.cosine for c in checks):.6g}"
-        if task is not None:
-            metrics = task.metrics()
-            worst += "".join(f", {k} {v:.2f}" for k, v in metrics.items() if k.endswith("agreement"))
-        if not ok:
-            failed = [c for c in checks if not c.passed]
-            if failed:
-                worst = f"{len(failed)}/{len(checks)} tensor checks failed; " + worst
-        cells.append(Cell(job.model, name, precision, "pass" if ok else "fail", worst, seconds))
+        t = v.tensors
+        worst = f"max_abs {t.row.max_abs:.3g}, cosine {t.cosine:.6g}" if t else "no checks"
+        if v.task is not None:
+            worst += "".join(f", {k} {value:.2f}" for k, value in v.task.metrics().items())
+        if t and t.failed:
+            worst = f"{t.failed}/{t.checks} tensor checks failed; " + worst
+        cells.append(Cell(job.model, name, precision, "pass" if v.passed else "fail", worst, seconds))
     return cells
 
 
@@ -305,19 +310,18 @@ def merge(paths: list[Path], out: Path) -> MatrixReport:
         p = Path(p)
         f = p / "matrix.json" if p.is_dir() else p
         try:
-            doc = json.loads(f.read_text())
-            cells = [Cell(**c) for c in doc["cells"]]
+            shard = MatrixReport.from_dict(json.loads(f.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SpecError(f"{f}: not a deploytool matrix.json ({exc})") from None
-        for c in cells:
+        for c in shard.cells:
             key = (c.model, c.backend, c.precision)
             if key in seen:
                 raise SpecError(f"{f}: {c.model} {c.column} is also in {seen[key]}; give each shard once")
             seen[key] = str(f)
-        merged.cells += cells
-        merged.jobs += doc.get("jobs", [])
-        merged.seconds = max(merged.seconds, float(doc.get("seconds", 0.0)))
+        merged.cells += shard.cells
+        merged.jobs += shard.jobs
+        merged.seconds = max(merged.seconds, shard.seconds)
     merged.cells.sort(key=lambda c: (c.model, c.column))
-    merged.jobs.sort(key=lambda j: j["job"])
+    merged.jobs.sort(key=lambda j: j.job)
     write_matrix(merged, out)
     return merged

@@ -1,9 +1,12 @@
-"""Reader for ncnn's text .param format: layers, blobs and their parameters."""
+"""ncnn's model format: the text .param (layers, blobs, parameters), the one .bin walker, and the int8
+format facts (ncnn's int8 rounding, requantised blobs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import SpecError
 
@@ -31,6 +34,7 @@ class NcnnGraph:
 
     layers: list[Layer]
     blob_count: int | None = None  # as the header declares it
+    text: str = ""  # the file's text, for writers that change a few lines and copy the rest
 
     @property
     def input_names(self) -> list[str]:
@@ -107,7 +111,7 @@ def parse_param_text(text: str, source: str = "<param>") -> NcnnGraph:
         layers.append(Layer(tokens[0], tokens[1], bottoms, tops, params))
     if len(layers) != layer_count:
         raise SpecError(f"{source}: header declares {layer_count} layers but the file has {len(layers)}")
-    return NcnnGraph(layers, blob_count)
+    return NcnnGraph(layers, blob_count, text)
 
 
 def read_param(path: Path | str) -> NcnnGraph:
@@ -125,7 +129,7 @@ def read_param(path: Path | str) -> NcnnGraph:
 
 
 # ---------------------------------------------------------------------------------------------
-# structure and .bin checks, run before ncnn sees the files (ncnn crashes on some malformed graphs)
+# what each layer loads from the .bin
 
 # The 4-byte storage tags ncnn's ModelBin reads before a "flagged" array (ModelBin::load type 0).
 TAG_FP32 = 0x00000000
@@ -236,17 +240,6 @@ def _align4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
-def flagged_bytes(tag: int, count: int) -> int | None:
-    """Bytes after the tag, as ncnn's ModelBin reads them; None for a tag this reader does not know."""
-    if tag == TAG_FP16:
-        return _align4(2 * count)
-    if tag == TAG_INT8:
-        return _align4(count)
-    if tag in (TAG_FP32, TAG_FP32_SCALED):
-        return 4 * count
-    return None
-
-
 def check_structure(graph: NcnnGraph, source: str = "<param>") -> None:
     """Refuse a graph ncnn would mis-wire: a blob consumed before (or without) being produced, a blob
     name produced twice, more blobs than the header declares. Raises SpecError naming the layer."""
@@ -272,57 +265,147 @@ def check_structure(graph: NcnnGraph, source: str = "<param>") -> None:
         )
 
 
-def check_model_bin(graph: NcnnGraph, bin_path: Path | str) -> None:
-    """Refuse a .bin too short for the weights its .param's layers load, naming the first layer that
-    reads past its end; and, when every layer's loads are known exactly, a .bin with bytes left over.
+# ---------------------------------------------------------------------------------------------
+# the .bin: one walker for every reader (the checks before ncnn loads it, int8, the interpreter)
 
-    Walks the .bin as ncnn's ModelBin does (reading each flagged array's storage tag: fp32 4 bytes an
-    element, fp16 2, int8 1, after the 4-byte tag). After a layer whose loads are not known here, only
-    minimums are added (flagged arrays as int8), so only what is certainly wrong is refused.
-    """
-    bin_path = Path(bin_path)
-    try:
-        size = bin_path.stat().st_size
-    except OSError:
-        raise SpecError(f"{bin_path}: no such .bin file") from None
-    pos, exact = 0, True  # exact: `pos` is where ncnn would read next, not a lower bound
-    with open(bin_path, "rb") as fh:
-        for layer in graph.layers:
-            arrays = weight_arrays(layer)
-            if arrays is None:
-                exact = False
-                continue
-            start = pos
-            for array in arrays:
-                if not array.flagged:
-                    pos += 4 * array.count
-                elif not exact or pos + 4 > size:
+TAG_DTYPES = {TAG_FP32: "float32", TAG_FP32_SCALED: "float32", TAG_FP16: "float16", TAG_INT8: "int8"}
+
+
+@dataclass(frozen=True)
+class BinArray:
+    """Where one weight array of a layer lies in the .bin."""
+
+    name: str
+    count: int  # elements
+    dtype: str  # as stored: "float32", "float16" or "int8"
+    start: int  # its first byte (the storage tag's, when it has one)
+    offset: int  # the first byte of its values
+    end: int  # one past its last byte (after the 4-byte alignment padding)
+
+
+@dataclass(frozen=True)
+class BinLayout:
+    """Where each layer's weight arrays lie in a .bin, for the layers before `stopped`."""
+
+    arrays: list[list[BinArray]]  # per layer, in graph order
+    walked_to: int  # the byte after those layers' arrays
+    stopped: str | None  # why no layer from there on is walked (its loads are not known here)
+
+
+def walk_bin(graph: NcnnGraph, data: bytes, source: str) -> BinLayout:
+    """Where every layer's weight arrays lie in `data` (a .bin), read as ncnn's ModelBin reads it: a
+    flagged array's storage tag says fp32 (4 bytes an element), fp16 (2) or int8 (1), after the 4-byte
+    tag. From the first layer whose loads (or storage tag) are not known here, only minimums are counted
+    (flagged arrays as int8), so only what is certainly wrong is refused: a .bin too short for its
+    layers (SpecError naming the first layer that reads past its end) and, when every load is known
+    exactly, a .bin with bytes left over."""
+    size = len(data)
+    pos, walked_to, walked, stopped = 0, 0, [], None
+    for layer in graph.layers:
+        wanted = weight_arrays(layer)
+        if wanted is None:
+            stopped = stopped or f"layer {layer.name} ({layer.type}) loads weights deploytool cannot size"
+            continue
+        start, found = pos, []
+        for array in wanted:
+            begin, dtype = pos, "float32"
+            if array.flagged:
+                readable = stopped is None and pos + 4 <= size
+                tag = int.from_bytes(data[pos : pos + 4], "little") if readable else None
+                dtype = TAG_DTYPES.get(tag)
+                if dtype is None:
+                    if tag is not None:
+                        stopped = (
+                            f"layer {layer.name}'s {array.name} has storage tag {tag:#010x}, which "
+                            "deploytool cannot read (fp32, fp16 and int8 are)"
+                        )
                     pos += 4 + _align4(array.count)  # the tag, then the smallest storage (int8)
-                else:
-                    fh.seek(pos)
-                    tag = int.from_bytes(fh.read(4), "little")
-                    nbytes = flagged_bytes(tag, array.count)
-                    if nbytes is None:
-                        exact = False
-                        nbytes = _align4(array.count)
-                    pos += 4 + nbytes
-            if pos > size:
-                upto = "up to" if exact else "at least up to"
-                raise SpecError(
-                    f"{bin_path} does not match its .param (too short): layer {layer.name} ({layer.type}) "
-                    f"reads weights from byte {start} {upto} byte {pos} but the file has {size} bytes; "
-                    "convert the model again so both files come from one run"
-                )
-    if exact and pos < size:
+                    continue
+                pos += 4
+            offset = pos
+            pos += _align4(array.count * np.dtype(dtype).itemsize)
+            found.append(BinArray(array.name, array.count, dtype, begin, offset, pos))
+        if pos > size:
+            upto = "up to" if stopped is None else "at least up to"
+            raise SpecError(
+                f"{source} does not match its .param (too short): layer {layer.name} ({layer.type}) "
+                f"reads weights from byte {start} {upto} byte {pos} but the file has {size} bytes; "
+                "convert the model again so both files come from one run"
+            )
+        if stopped is None:
+            walked.append(found)
+            walked_to = pos
+    if stopped is None and pos < size:
         raise SpecError(
-            f"{bin_path} does not match its .param: it has {size - pos} bytes more than the layers load "
+            f"{source} does not match its .param: it has {size - pos} bytes more than the layers load "
             f"({pos} of {size}); convert the model again so both files come from one run"
         )
+    return BinLayout(walked, walked_to, stopped)
 
 
-def check_files(param: Path | str, bin_path: Path | str, graph: NcnnGraph | None = None) -> NcnnGraph:
-    """Read (unless given) and check a .param and its .bin before ncnn loads them; returns the graph."""
+@dataclass(frozen=True)
+class NcnnModel:
+    """A .param and its .bin, each read once, and where each layer's weights lie in the .bin."""
+
+    param: Path
+    bin: Path
+    graph: NcnnGraph
+    data: bytes
+    layout: BinLayout
+
+    def values(self, array: BinArray) -> np.ndarray:
+        """An array's values as stored (float32, float16 or int8), a view of `data`."""
+        return np.frombuffer(self.data, np.dtype(array.dtype).newbyteorder("<"), array.count, array.offset)
+
+
+def read_model(param: Path | str, bin: Path | str, graph: NcnnGraph | None = None) -> NcnnModel:
+    """Read (unless given) a .param and read its .bin, refusing what ncnn would mis-wire or misread
+    (`check_structure`, `walk_bin`) before ncnn sees the files; ncnn crashes on some of them."""
+    param, bin = Path(param), Path(bin)
     graph = graph if graph is not None else read_param(param)
     check_structure(graph, str(param))
-    check_model_bin(graph, bin_path)
-    return graph
+    if not bin.is_file():
+        raise SpecError(f"{bin}: no such .bin file")
+    data = bin.read_bytes()
+    return NcnnModel(param, bin, graph, data, walk_bin(graph, data, str(bin)))
+
+
+# ---------------------------------------------------------------------------------------------
+# int8: ncnn's arithmetic, and the blobs a requantising model hands out as int8 values
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)  # C's roundf, as ncnn's float2int8
+
+
+def int8_levels(scaled: np.ndarray) -> np.ndarray:
+    """x * scale on ncnn's int8 grid: rounded half away from zero, clamped to [-127, 127] (float64)."""
+    return np.clip(round_half_away(scaled), -127, 127)
+
+
+def requantized_blobs(model: NcnnModel) -> dict[str, float]:
+    """{blob: scale} for the blobs an int8 model holds as int8 values (the output of a requantising
+    layer, 8 > 100, and the Split copies of it): ncnn hands them out as those integers, and value / scale
+    is the float they stand for. Empty for a model without requantisation."""
+    layers = model.graph.layers
+    found = {}
+    for layer, arrays in zip(layers, model.layout.arrays, strict=False):  # the walked layers
+        if int(layer.get(8, 0)) <= 100:
+            continue
+        scale = float(model.values(arrays[-1])[0])  # the top scale is the last array such a layer loads
+        blobs = [layer.tops[0]]
+        while blobs:
+            blob = blobs.pop()
+            found[blob] = scale
+            blobs += [t for x in layers if x.type == "Split" and blob in x.bottoms for t in x.tops]
+    return found
+
+
+def as_floats(blobs: dict[str, np.ndarray], requantized: dict[str, float]) -> dict[str, np.ndarray]:
+    """Extracted blobs with the requantised ones (int8 values, see `requantized_blobs`) turned back
+    into the floats they stand for, so every per-blob comparison sees floats."""
+    out = dict(blobs)
+    for blob, scale in requantized.items():
+        if blob in out and scale:
+            out[blob] = out[blob] / np.float32(scale)
+    return out

@@ -9,16 +9,22 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
-from .backends import BACKENDS, REFERENCE, Artifacts, get_backend, select_backends
-from .backends.ncnn_runner import ncnn_options_of
-from .bundle import TASKS, meta_for
+from .backends import BACKENDS, REFERENCE, Artifacts, get_backend, role, select_backends
 from .errors import SpecError
-from .foreign import is_onnx_file, spec_for_file
+from .foreign import is_onnx_file, spec_for_file, synth_spec
+from .infer import infer_all
 from .inputs import default_images, inputs_for
+from .model import build_model
 from .ncnn_param import read_param
-from .pipeline import RunOptions, StageTimer, infer_all, judge_run, versions
+from .options import RunOptions
+from .pipeline import judge_run
+from .progress import StageTimer
+from .registry import is_int8
 from .results import BackendResult, InputItem, RunReport
-from .spec import ModelSpec, build_model, load_spec, parse_shape
+from .runfolder import TASKS, meta_for, ncnn_options_of
+from .spec import ModelSpec
+from .spec_toml import load_spec, parse_shape
+from .versions import versions
 
 GOLDEN = "golden"
 
@@ -65,7 +71,7 @@ class ParityOptions:
         return RunOptions(
             out=out, backends=self.backends, images=self.images, weights=weights,
             ncnn_precision=precision or self.ncnn_precision or "fp32", threads=self.threads,
-            save_vis=self.save_vis, int8_model=(precision or self.ncnn_precision) == "int8",
+            save_vis=self.save_vis, int8_model=is_int8(precision or self.ncnn_precision),
         )  # fmt: skip
 
     def precision_for(self, art: Artifacts) -> str:
@@ -73,11 +79,11 @@ class ParityOptions:
         a given --ncnn-precision that contradicts the model is refused, not changed."""
         int8 = art.ncnn_param is not None and bool(read_param(art.ncnn_param).int8_layers)
         wanted = self.ncnn_precision
-        if int8 and wanted not in (None, "int8"):
+        if int8 and wanted is not None and not is_int8(wanted):
             raise SpecError(
                 f"{art.ncnn_param} is an int8 model; drop --ncnn-precision {wanted} (it runs as int8)"
             )
-        if wanted == "int8" and not int8:
+        if wanted is not None and is_int8(wanted) and not int8:
             raise SpecError(
                 f"--ncnn-precision int8: {art.ncnn_param or 'the target'} has no int8 layer; "
                 "make one with `deploytool quantize` or `run --ncnn-precision int8`"
@@ -134,30 +140,6 @@ def locate(target: Path) -> tuple[Artifacts, dict]:
     return art, recorded
 
 
-def _synth_spec(art: Artifacts, name: str, shape: tuple[int, ...] | None) -> ModelSpec:
-    """A spec for artifacts that came without one: names from the files, shape from the user."""
-    if art.onnx is not None:
-        import onnx
-
-        try:
-            graph = onnx.load(str(art.onnx), load_external_data=False).graph
-        except Exception as exc:  # protobuf's DecodeError and friends: the file is not an ONNX model
-            raise SpecError(f"{art.onnx} is not a readable ONNX model ({type(exc).__name__})") from None
-        inits = {i.name for i in graph.initializer}
-        ins = [i.name for i in graph.input if i.name not in inits]
-        outs = [o.name for o in graph.output]
-    elif art.ncnn_param is not None:
-        g = read_param(art.ncnn_param)
-        ins, outs = g.input_names, g.output_names
-    else:
-        raise SpecError("a TorchScript file alone does not say its outputs; pass --model")
-    if len(ins) != 1:
-        raise SpecError(f"the model has inputs {ins}; parity supports single-input models")
-    return ModelSpec(
-        name=name, factory="", input_name=ins[0], input_shape=shape or (1,), output_names=outs, source=name
-    )
-
-
 def _pick_reference(opts: ParityOptions, art: Artifacts, has_spec: bool) -> str:
     """--golden, --reference, torch when the spec is known, else the first backend (in the registry's
     order) whose files are here."""
@@ -192,7 +174,7 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
     weights = opts.weights or (recorded.get("weights") if opts.model is None else None)
     shape = parse_shape(opts.input_shape) if opts.input_shape else None
     if model is None:
-        spec = _synth_spec(art, Path(target).stem, shape)
+        spec = synth_spec(art, Path(target).stem, shape)
     elif is_onnx_file(model):  # an earlier `run FILE.onnx`
         spec = spec_for_file(Path(model), opts.input_shape)
     else:
@@ -266,8 +248,8 @@ def run_parity(target: Path, opts: ParityOptions) -> RunReport:
 
         with timer.stage("layerwise"):
             report.layers, report.first_failure = layerwise(
-                art.ncnn_param, art.ncnn_bin, items[0].feed, art.model, vulkan="ncnn-vulkan" in backends,
-                precision=precision, threads=opts.threads,
+                art.ncnn_param, art.ncnn_bin, items[0].feed, art.model,
+                vulkan=role("layerwise_gpu") in backends, precision=precision, threads=opts.threads,
             )  # fmt: skip
         report.layer_input = items[0].label
     return report

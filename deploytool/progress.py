@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import TextIO
 
@@ -223,3 +223,20 @@ class _Board:
 
 
 _BOARD = _Board()
+
+
+class StageTimer:
+    """Seconds per stage for the report; each stage is also shown as a progress step."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict] = {}
+
+    @contextmanager
+    def stage(self, name: str, show: bool = True):
+        """Time the block as stage `name`; `show=False` when the block shows its own progress step."""
+        start = time.perf_counter()
+        try:
+            with step(name) if show else nullcontext():
+                yield
+        finally:
+            self.stages[name] = {"seconds": round(time.perf_counter() - start, 4)}

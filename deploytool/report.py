@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .atomic import writable_folder, write_text
 from .errors import SpecError
-from .results import RunReport, TensorComparison
+from .results import ClassifyRow, DetectRow, RunReport, TensorComparison, Worst
 
 
 def fmt(v, spec: str = ".3g") -> str:
@@ -38,37 +38,38 @@ def console_summary(report: RunReport, console: Console) -> None:
         "result",
     ):
         table.add_column(col, justify="right" if col not in ("backend", "output", "result") else "left")
-    for (backend, output), rows in _group(report.comparisons).items():
-        worst = max(rows, key=lambda r: _num(r.max_abs))
-        ok = all(r.passed for r in rows)
+    for (backend, output), worst in _worst_by_output(report.comparisons).items():
+        row = worst.row
         table.add_row(
             backend,
             output,
-            str(len(rows)),
-            fmt(worst.max_abs),
-            fmt(worst.max_rel),
-            fmt(min(_num(r.cosine) for r in rows)),
-            f"{worst.atol:.0e}/{worst.rtol:.0e}",
-            fmt(max(_num(r.min_atol) for r in rows)),
-            "[green]pass[/]" if ok else "[red]FAIL[/]" + (f" ({worst.reason})" if worst.reason else ""),
+            str(worst.checks),
+            fmt(row.max_abs),
+            fmt(row.max_rel),
+            fmt(worst.cosine),
+            f"{row.atol:.0e}/{row.rtol:.0e}",
+            fmt(worst.min_atol),
+            "[green]pass[/]" if worst.passed else "[red]FAIL[/]" + (f" ({row.reason})" if row.reason else ""),
         )
     console.print(table)
     first = next(iter(report.task.values()), None)
     if first is not None and first.task == "classify" and first.per_input:
-        top1 = ", ".join(f"{i['input']} {i.get('top1_ref_name') or i['top1_ref']!r}" for i in first.per_input)
+        top1 = ", ".join(f"{i.input} {i.ref_class!r}" for i in first.per_input)
         console.print(f"  {report.reference} top-1: {top1}", highlight=False)
     for backend, t in report.task.items():
         text = ", ".join(f"{k} {v:.2f}" for k, v in t.metrics().items())
-        ties = sum(1 for item in t.per_input if item.get("near_tie"))
+        ties = sum(1 for item in t.per_input if isinstance(item, ClassifyRow) and item.near_tie)
         if ties:
             text += f" ({ties} near-tie{'s' if ties > 1 else ''} in the reference not judged)"
         console.print(f"  {backend}: {text} [{'green]pass' if t.passed else 'red]FAIL'}[/]")
         for item in t.per_input:
-            for line in item.get("failures", [])[:3]:
-                console.print(f"    [red]{item['input']}[/]: {line}", highlight=False)
-            if item.get("top1_match") is False:
-                tie = " [yellow](near-tie: not judged)[/]" if item.get("near_tie") else ""
+            if isinstance(item, DetectRow):
+                for line in item.parity.failures[:3]:
+                    console.print(f"    [red]{item.input}[/]: {line}", highlight=False)
+            elif not item.top1_match:
+                tie = " [yellow](near-tie: not judged)[/]" if item.near_tie else ""
                 console.print(f"    [red]{_class_swap(item, backend)}[/]{tie}", highlight=False)
+    verdicts = report.verdicts
     for name, info in report.backends.items():
         if not info.available:
             console.print(f"  [yellow]skipped {name}[/]: {info.reason}")
@@ -80,7 +81,8 @@ def console_summary(report: RunReport, console: Console) -> None:
                 f"  {name}{dev}: {info.latency_ms_median:.2f} ms per inference ({info.latency_method})"
             )
             if "image_path" in info.extra:
-                console.print(f"  {name}: {_image_path(info.extra['image_path'])}", highlight=False)
+                seen = _image_path(info.extra["image_path"], verdicts[name].image_path)
+                console.print(f"  {name}: {seen}", highlight=False)
             if "layers_on_device" in info.extra:
                 console.print(f"  {name}: {_placement(info.extra)}", highlight=False)
     if any(b.latency_ms_median is not None for b in report.backends.values()):
@@ -108,15 +110,16 @@ def console_summary(report: RunReport, console: Console) -> None:
     console.print(f"{verdict}: {passed}/{len(report.comparisons)} tensor checks passed{extra}")
 
 
-def _image_path(seen: dict) -> str:
-    """What the C++ runner's own photo decoding and preprocessing changed, apart from the network."""
+def _image_path(seen: dict, passed: bool | None) -> str:
+    """What the C++ runner's own photo decoding and preprocessing changed, apart from the network, and
+    its verdict (`passed`; None: not judged)."""
     outs = ", ".join(f"{k} max_abs {fmt(v)}" for k, v in seen["output_max_abs"].items())
     decoder = seen["decoder"]
     same = decoder == seen["host_decoder"]
     versus = "" if same else f" vs {seen['host_decoder']}"
     verdict = ""
-    if "passed" in seen:
-        verdict = "ok, " if seen["passed"] else "FAIL, "
+    if passed is not None:
+        verdict = "ok, " if passed else "FAIL, "
         verdict += f"mean {seen['input_mean_levels']:.3g} pixel levels, limit {seen['limit_mean_levels']:g}; "
     text = (
         f"its own preprocessing vs Python's ({decoder} decoder{versus}): {verdict}"
@@ -140,14 +143,12 @@ def _placement(extra: dict) -> str:
     return text
 
 
-def _class_swap(item: dict, backend: str) -> str:
+def _class_swap(item: ClassifyRow, backend: str) -> str:
     """'cat.jpg: reference 'tabby' (margin 0.5), ncnn-cpu 'tiger cat'': a top-1 disagreement, by name
     when the spec names the classes, with the reference's own top-1/top-2 margin."""
-    ref = item.get("top1_ref_name") or item["top1_ref"]
-    got = item.get("top1_name") or item["top1"]
-    margin = item.get("top1_margin_ref")
+    margin = item.top1_margin_ref
     why = f" (margin {fmt(margin)})" if margin is not None else ""
-    return f"{item['input']}: reference {ref!r}{why}, {backend} {got!r}"
+    return f"{item.input}: reference {item.ref_class!r}{why}, {backend} {item.got_class!r}"
 
 
 def layer_table(report: RunReport, console: Console) -> None:
@@ -190,15 +191,12 @@ def _diverges(first, quote: str = "") -> str:
     return f"first diverges at {where}, max_abs {fmt(first.max_abs)}"
 
 
-def _num(v) -> float:
-    return float(v) if not isinstance(v, str) else float("inf")
-
-
-def _group(comparisons: list[TensorComparison]) -> dict[tuple[str, str], list[TensorComparison]]:
+def _worst_by_output(comparisons: list[TensorComparison]) -> dict[tuple[str, str], Worst]:
+    """The worst case of each (backend, output) over the inputs."""
     groups: dict = {}
     for c in comparisons:
         groups.setdefault((c.backend, c.output), []).append(c)
-    return groups
+    return {key: Worst.of(rows) for key, rows in groups.items()}
 
 
 def write_json(report: RunReport, path: Path | str) -> Path:
@@ -232,12 +230,14 @@ def write_junit(report: RunReport, path: Path | str) -> Path:
         case = ET.SubElement(suite, "testcase", classname=f"{report.model}.{b.name}", name="run")
         failures += 1
         ET.SubElement(case, "error", message=b.error)
-    for name, b in report.backends.items():
-        if "passed" in b.extra.get("image_path", {}):
+    for name, v in report.verdicts.items():
+        if v.image_path is not None:
             case = ET.SubElement(suite, "testcase", classname=f"{report.model}.{name}", name="image_path")
-            if not b.extra["image_path"]["passed"]:
+            if not v.image_path:
                 failures += 1
-                ET.SubElement(case, "failure", message=_image_path(b.extra["image_path"]))
+                ET.SubElement(
+                    case, "failure", message=_image_path(report.backends[name].extra["image_path"], False)
+                )
     for name, first in report.first_failure.items():
         case = ET.SubElement(suite, "testcase", classname=f"{report.model}.layerwise", name=name)
         if first is not None:
@@ -264,13 +264,12 @@ def write_markdown(
         "| result |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for (backend, output), rows in _group(report.comparisons).items():
-        worst = max(rows, key=lambda r: _num(r.max_abs))
-        passed = all(r.passed for r in rows)
+    for (backend, output), worst in _worst_by_output(report.comparisons).items():
+        row = worst.row
         lines.append(
-            f"| {backend} | {output} | {len(rows)} | {fmt(worst.max_abs)} | {fmt(worst.max_rel)} | "
-            f"{fmt(min(_num(r.cosine) for r in rows))} | {worst.atol:g} / {worst.rtol:g} | "
-            f"{fmt(max(_num(r.min_atol) for r in rows))} | {'pass' if passed else '**FAIL**'} |"
+            f"| {backend} | {output} | {worst.checks} | {fmt(row.max_abs)} | {fmt(row.max_rel)} | "
+            f"{fmt(worst.cosine)} | {row.atol:g} / {row.rtol:g} | "
+            f"{fmt(worst.min_atol)} | {'pass' if worst.passed else '**FAIL**'} |"
         )
     if report.task:
         lines += ["", "| backend | task agreement | result |", "|---|---|---|"]

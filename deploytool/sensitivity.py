@@ -27,16 +27,16 @@ import numpy as np
 
 from . import judge, progress
 from .atomic import atomic_path, remove_path, write_text
-from .backends import REFERENCE, Artifacts
+from .backends import REFERENCE, Artifacts, role
 from .backends.base import by_spec_name
 from .backends.ncnn_runner import IN_PROCESS_ENV, NcnnSession
 from .errors import ParityError, SpecError
-from .ncnn_param import NcnnGraph, read_param
+from .ncnn_param import NcnnGraph, as_floats, read_model, read_param, requantized_blobs
 from .results import InputItem, RunReport, finite_or_text
 
 SCRATCH = ".sensitivity"  # under --out, removed when the sweep ends
-FP32 = "ncnn-cpu fp32"  # what the ranking is judged against
-SWEEP_BACKEND = "ncnn-cpu"  # the backend every model of the sweep runs on
+SWEEP_BACKEND = role("sweep")  # the backend every model of the sweep runs on
+FP32 = f"{SWEEP_BACKEND} fp32"  # what the ranking is judged against
 TOP_N = 10  # layers in the console table
 SKIP_GROWTH = ("Input", "Split")  # blobs that only repeat another blob
 
@@ -201,11 +201,9 @@ class _Sweep:
         return [by_spec_name(o, self.output_names) for o in outs]
 
     def blobs(self, param: Path, bin: Path) -> dict[str, np.ndarray]:
-        from .quantize import as_floats
-
         tops = [top for layer in self.graph.layers for top in layer.tops]
         blobs = self._call("extract_all", str(param), str(bin), self.feeds[0], tops, doing="extracting blobs")
-        return as_floats(blobs, param, bin)  # requantised blobs hold int8 values
+        return as_floats(blobs, requantized_blobs(read_model(param, bin)))  # requantised: int8 values
 
 
 @contextmanager
@@ -237,7 +235,9 @@ def analyse(
     """Rank `art`'s int8 layers (each alone int8, against the fp32 model `fp32`), the error growth of
     the whole int8 model on the first input, and with `budget` the auto-mixed choice (judged against
     `reference_outs`, torch's outputs). `scratch` is made and removed."""
-    from .quantize import calibration_layers, quantize_model, read_table
+    from .quantize.calibrate import calibration_layers
+    from .quantize.table import read_table
+    from .quantize.write import quantize_model
 
     start = time.perf_counter()
     graph = read_param(fp32.ncnn_param)
@@ -251,7 +251,7 @@ def analyse(
     param, bin_ = scratch / "model.param", scratch / "model.bin"
 
     def judged(keep: list[str], ref_outs: list[dict], reference: str) -> judge.Verdict:
-        quantize_model(fp32.ncnn_param, fp32.ncnn_bin, table, param, bin_, keep_fp32=keep)
+        quantize_model(read_model(fp32.ncnn_param, fp32.ncnn_bin), table, param, bin_, keep_fp32=keep)
         outs = sweep.outputs(param, bin_)
         return judge.judge_backend(spec, SWEEP_BACKEND, reference, items, ref_outs, outs, "int8")
 
@@ -339,8 +339,11 @@ def explain_quantize(spec, opts, explain: ExplainOptions) -> tuple[RunReport, Se
     analysis; with --auto-mixed the int8 model (model.int8.param/.bin, model.table) becomes the
     mixed one and the run's int8 backends are judged on it. Writes sensitivity.json into --out."""
     from .backends import select_backends
+    from .infer import infer_all
     from .inputs import inputs_for
-    from .pipeline import StageTimer, build_artifacts, infer_all, judge_run, quantize_stage
+    from .pipeline import judge_run
+    from .progress import StageTimer
+    from .stages import build_artifacts, quantize_stage
 
     timer = StageTimer()
     backends, found = select_backends(opts.backends)
@@ -372,12 +375,13 @@ def explain_quantize(spec, opts, explain: ExplainOptions) -> tuple[RunReport, Se
 
 def _write_mixed(fp32: Artifacts, art: Artifacts, kept: list[str]) -> Artifacts:
     """model.int8.param/.bin with `kept` in fp32 too, and the table with their lines commented out."""
-    from .quantize import quantize_model, read_table, write_table
+    from .quantize.table import read_table, write_table
+    from .quantize.write import quantize_model
 
     table = read_table(art.int8_table)
     table.fp32_layers |= set(kept) | (set(table.weight_scales) - set(art.int8_layers))
     with atomic_path(art.ncnn_param) as param, atomic_path(art.ncnn_bin) as bin_:
-        layers = quantize_model(fp32.ncnn_param, fp32.ncnn_bin, table, param, bin_)
+        layers = quantize_model(read_model(fp32.ncnn_param, fp32.ncnn_bin), table, param, bin_)
     with atomic_path(art.int8_table) as tmp:
         write_table(tmp, table)
     return replace(art, int8_layers=tuple(layers))
@@ -387,14 +391,14 @@ def _write_mixed(fp32: Artifacts, art: Artifacts, kept: list[str]) -> Artifacts:
 # rendering
 
 
-def _fmt(v, spec: str = ".3g") -> str:
+def fmt_value(v, spec: str = ".3g") -> str:
     from .report import fmt
 
     return fmt(v, spec)
 
 
-def _cos(metrics: dict) -> str:
-    return _fmt(metrics.get("cosine"), ".6f")
+def cosine_text(metrics: dict) -> str:
+    return fmt_value(metrics.get("cosine"), ".6f")
 
 
 def auto_mixed_line(auto: AutoMixed) -> str:
@@ -403,91 +407,13 @@ def auto_mixed_line(auto: AutoMixed) -> str:
     if not auto.kept:
         return f"auto-mixed ({auto.budget}): the all-int8 model meets the budget; no layer kept fp32"
     n = len(auto.kept)
-    cosines = [_cos(k.metrics) for k in auto.kept]
+    cosines = [cosine_text(k.metrics) for k in auto.kept]
     missed = next((t["failures"] for t in auto.tried if t["kept_fp32"] == n - 1), [])
     top1 = auto.metrics.get("top1_agreement")
     return (
         f"auto-mixed ({auto.budget}): kept {n} layer(s) fp32, the ranking's first {n} (alone int8 cosine "
         f"{cosines[0]}{f' to {cosines[-1]}' if n > 1 else ''}): {', '.join(k.layer for k in auto.kept)}; "
-        f"the mixed model against {REFERENCE}: cosine {_cos(auto.metrics)}, peak_rel "
-        f"{_fmt(auto.metrics.get('peak_rel'))}{f', top1 {top1:.2f}' if isinstance(top1, float) else ''}"
+        f"the mixed model against {REFERENCE}: cosine {cosine_text(auto.metrics)}, peak_rel "
+        f"{fmt_value(auto.metrics.get('peak_rel'))}{f', top1 {top1:.2f}' if isinstance(top1, float) else ''}"
         f"{f'; with {n - 1}: ' + ', '.join(missed) if missed else ''}"
     )
-
-
-def render_sensitivity(sens: Sensitivity, console, top: int = TOP_N) -> None:
-    """The top layers of the ranking and a one-line summary of the error growth."""
-    from rich.table import Table
-
-    table = Table(
-        title=f"{sens.model}: int8 sensitivity (each layer alone int8 vs {FP32}, {len(sens.inputs)} inputs)"
-    )
-    task = [
-        k for k in ("top1_agreement", "detection_agreement") if sens.ranking and k in sens.ranking[0].metrics
-    ]
-    kept = {k.layer for k in sens.auto.kept} if sens.auto else set()
-    top = max(top, len(kept))
-    for col in ("rank", "layer", "type", "cosine", "peak_rel", *[t.split("_")[0] for t in task]):
-        table.add_column(col, justify="right" if col not in ("layer", "type") else "left")
-    if sens.auto is not None:
-        table.add_column("auto-mixed")
-    for i, r in enumerate(sens.ranking[:top], start=1):
-        table.add_row(
-            str(i), r.layer, r.type, _cos(r.metrics), _fmt(r.metrics.get("peak_rel")),
-            *[_fmt(r.metrics.get(t), ".2f") for t in task],
-            *([("kept fp32" if r.layer in kept else "int8")] if sens.auto is not None else []),
-        )  # fmt: skip
-    console.print(table)
-    if len(sens.ranking) > top:
-        console.print(f"  ({len(sens.ranking) - top} more layers in sensitivity.json)")
-    if sens.growth:
-        last = sens.growth[-1]
-        worst = min(sens.growth, key=lambda g: g.cosine if math.isfinite(g.cosine) else -math.inf)
-        console.print(
-            f"  error growth on {sens.growth_input} (int8 vs fp32, {len(sens.growth)} blobs): output "
-            f"{last.blob} cosine {last.cosine:.6f}, peak_rel {_fmt(last.peak_rel)}; lowest cosine "
-            f"{worst.cosine:.6f} at {worst.layer} ({worst.type})",
-            highlight=False,
-        )
-    if sens.auto is not None:
-        console.print(f"  {auto_mixed_line(sens.auto)}", highlight=False, markup=False)
-    console.print(f"  sensitivity analysis {sens.seconds:.1f} s", highlight=False)
-
-
-def markdown_section(sens: Sensitivity, folder: Path) -> tuple[str, list[Path]]:
-    """The `## int8 sensitivity` section (ranking, auto-mixed choice, error-growth table) and its PNG,
-    written into `folder` beside the Markdown file."""
-    from .plots import sensitivity_curve
-
-    png = sensitivity_curve(sens, folder / "sensitivity.png")
-    lines = [
-        "## int8 sensitivity",
-        "",
-        f"Each int8 layer alone int8 (every other layer fp32), on {len(sens.inputs)} inputs, against "
-        f"the fp32 ncnn model on {SWEEP_BACKEND}; worst first. Analysis took {sens.seconds:.1f} s.",
-        "",
-        "| rank | layer | type | cosine | peak_rel | max_abs | top1 |",
-        "|---:|---|---|---:|---:|---:|---:|",
-    ]
-    kept = {k.layer for k in sens.auto.kept} if sens.auto else set()
-    for i, r in enumerate(sens.ranking, start=1):
-        m = r.metrics
-        lines.append(
-            f"| {i} | `{r.layer}`{' (kept fp32)' if r.layer in kept else ''} | {r.type} | {_cos(m)} | "
-            f"{_fmt(m.get('peak_rel'))} | {_fmt(m.get('max_abs'))} | {_fmt(m.get('top1_agreement'), '.2f')} |"
-        )
-    if sens.auto is not None:
-        lines += ["", f"**{auto_mixed_line(sens.auto)}**"]
-    lines += ["", f"![int8 error growth]({png.name})", ""]
-    lines += [
-        f"### Error growth: the int8 model against fp32, blob by blob, on `{sens.growth_input}`",
-        "",
-        "| # | layer | type | blob | int8 | cosine | peak_rel | max_abs |",
-        "|---:|---|---|---|---|---:|---:|---:|",
-    ]
-    for g in sens.growth:
-        lines.append(
-            f"| {g.index} | `{g.layer}` | {g.type} | `{g.blob}` | {'int8' if g.int8 else ''} | "
-            f"{g.cosine:.6f} | {_fmt(g.peak_rel)} | {_fmt(g.max_abs)} |"
-        )
-    return "\n".join(lines) + "\n", [png]

@@ -186,7 +186,7 @@ def int8_section(results: dict[str, dict], mixed_notes: dict[str, str]) -> str:
     lines = [
         "## int8: ncnn against ONNX Runtime\n",
         "Both int8 models are calibrated on `images/calib` with the spec's own preprocessing: ncnn's by "
-        "`deploytool/quantize.py` (kl), ONNX Runtime's by its `quantize_static` (`deploytool/ort_quant.py`: "
+        "`deploytool/quantize/` (kl), ONNX Runtime's by its `quantize_static` (`deploytool/quantize/ort.py`: "
         "QDQ, per-channel QInt8 weights, QUInt8 activations, MinMax). `x ORT` / `x ORT int8` = median / "
         "ONNX Runtime fp32's / int8's median at the same threads. Agreement and cosine are against torch "
         "eager on the photos of `images/` and `images/eval` (cosine: the worst output and photo); "

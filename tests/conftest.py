@@ -35,8 +35,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(scope="session")
 def resnet_run(tmp_path_factory):
     """One real `run` of resnet18 through all four backends, shared by the end-to-end tests."""
-    from deploytool.pipeline import RunOptions, run
-    from deploytool.spec import load_spec
+    from deploytool.options import RunOptions
+    from deploytool.pipeline import run
+    from deploytool.spec_toml import load_spec
 
     out = tmp_path_factory.mktemp("resnet18")
     report = run(load_spec("resnet18"), RunOptions(out=out, images=(IMAGES,))).to_dict()

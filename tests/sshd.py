@@ -263,7 +263,7 @@ def tiny_bundle(folder: Path, runner: Path | None = None, seed: int = 0) -> Path
     import torch
     from helpers import convert_model
 
-    from deploytool.bundle import write_bundle
+    from deploytool.bundle.write import write_bundle
     from deploytool.ncnn_param import read_param
 
     torch.manual_seed(seed)
@@ -289,7 +289,7 @@ def add_runner(bundle: Path, runner: Path, arch: str = "aarch64") -> None:
     """Put `runner` into the bundle as its cross-built runner for `arch` (listed in the marker)."""
     import json
 
-    from deploytool.bundle import MARKER, runner_path
+    from deploytool.bundle.target import MARKER, runner_path
 
     dest = bundle / runner_path(arch)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -220,7 +220,7 @@ def test_row_to_dict_uses_the_report_names():
 
 
 def test_variant_run_options(tmp_path):
-    from deploytool.pipeline import Recipe, RunOptions
+    from deploytool.options import Recipe, RunOptions
 
     opts = RunOptions(out=tmp_path, budget="top1=1", recipe=Recipe(converter="pnnx-onnx"))
     vulkan = variant_run_options("vulkan", opts)
@@ -252,8 +252,8 @@ def test_bench_refuses_a_backend_it_does_not_time(tmp_path):
 
 def test_choose_variant_checks_its_input_before_benching(tmp_path):
     from deploytool.bench import choose_variant
-    from deploytool.pipeline import RunOptions
-    from deploytool.spec import load_spec
+    from deploytool.options import RunOptions
+    from deploytool.spec_toml import load_spec
 
     spec = load_spec("resnet18")
     with pytest.raises(SpecError, match="budget"):
@@ -297,7 +297,7 @@ backend's `library`) registers it, which is how a bench worker, a fresh process,
 
 import onnxruntime  # noqa: F401
 
-from deploytool.backends import registry
+from deploytool import registry
 from deploytool.backends.ort_runner import OnnxRuntimeRunner
 
 NAME = "onnxruntime-copy"
@@ -307,17 +307,13 @@ class CopyRunner(OnnxRuntimeRunner):
     name = NAME
 
 
-def _runner():
-    return CopyRunner
-
-
 def _build(cls, b):
     return cls(b.art.onnx, b.config.threads)
 
 
 registry.BACKENDS[NAME] = registry.Backend(
-    NAME, "onnxruntime", _runner, _build, needs=("onnx",), description="ONNX Runtime, renamed (test)",
-    bench=True, library=__name__,
+    NAME, "onnxruntime", f"{__name__}:CopyRunner", _build, needs=("onnx",),
+    description="ONNX Runtime, renamed (test)", bench=True, library=__name__,
 )
 
 
@@ -336,7 +332,7 @@ def tiny():
 def plugin_backend(tmp_path, monkeypatch):
     """The plugin registered in this process (into a copy of BACKENDS, restored afterwards) and
     importable by the workers (PYTHONPATH)."""
-    from deploytool.backends import registry
+    from deploytool import registry
 
     folder = tmp_path / "plugin"
     folder.mkdir()
@@ -352,10 +348,10 @@ def plugin_backend(tmp_path, monkeypatch):
 
 
 def test_a_registered_bench_backend_is_benched_without_changing_bench(plugin_backend, tmp_path):
-    from deploytool.backends.registry import bench_backends
     from deploytool.bench import bench_model
     from deploytool.bench.orchestrate import validate
-    from deploytool.spec import load_spec
+    from deploytool.registry import bench_backends
+    from deploytool.spec_toml import load_spec
 
     name = plugin_backend
     assert name in bench_backends()
@@ -391,7 +387,7 @@ def test_bench_resnet18_end_to_end(tmp_path):
 
     from deploytool.backends.ncnn_runner import vulkan_device_name
     from deploytool.bench import bench_markdown, bench_model, render_bench
-    from deploytool.spec import load_spec
+    from deploytool.spec_toml import load_spec
 
     images = sorted(IMAGES.glob("*.jpg"))[:2]
     opts = BenchOptions(out=tmp_path, runs=3, warmup=1, threads=(1,), images=tuple(images))

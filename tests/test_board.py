@@ -16,7 +16,8 @@ import pytest
 import sshd
 from typer.testing import CliRunner
 
-from deploytool.bundle import NCNN_DIR_PLACEHOLDER, readme_build_commands, runner_path
+from deploytool.bundle.readme import NCNN_DIR_PLACEHOLDER, readme_build_commands
+from deploytool.bundle.target import runner_path
 from deploytool.cli import app
 from deploytool.targets.build import ncnn_cmake_dir
 

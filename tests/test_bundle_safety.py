@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import deploytool.bundle as bundle_mod
-from deploytool.bundle import MARKER, bundle_files, check_bundle_target, write_bundle
+import deploytool.bundle.target as bundle_target
+import deploytool.bundle.write as bundle_write
+from deploytool.bundle.target import MARKER, bundle_files, check_bundle_target
+from deploytool.bundle.write import write_bundle
 from deploytool.cli import app
 from deploytool.errors import SpecError
 from deploytool.progress import PREFIX as PROGRESS_PREFIX
@@ -150,7 +152,7 @@ def test_refuses_a_damaged_marker_without_force(here):
 
 
 def test_refuses_a_folder_it_cannot_write(here, monkeypatch):
-    monkeypatch.setattr(bundle_mod.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(bundle_target.os, "access", lambda path, mode: False)
     _refused(_invoke("bundle", "resnet18", "--out", "b", "--work", "w"), "no permission")
     assert not (here / "w").exists()
 
@@ -272,7 +274,7 @@ def test_failed_swap_restores_the_earlier_bundle(here, monkeypatch):
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(bundle_mod.os, "replace", replace)
+    monkeypatch.setattr(bundle_write.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         _write(here / "b", b"weights-2")
     monkeypatch.undo()

@@ -247,8 +247,8 @@ def test_detect_on_letterboxed_photo_matches_python_runner(runner_exe, tmp_path)
 
 
 def test_meta_for_spec_uses_ncnn_units_and_blob_names(resnet):
-    from deploytool.bundle import meta_for
-    from deploytool.spec import load_spec
+    from deploytool.runfolder import meta_for
+    from deploytool.spec_toml import load_spec
 
     meta = meta_for(load_spec("resnet18"), resnet[0])
     assert meta["input"]["name"] == "in0" and meta["outputs"] == ["out0"]
@@ -258,7 +258,7 @@ def test_meta_for_spec_uses_ncnn_units_and_blob_names(resnet):
 
 
 def test_bundle_runs_with_both_runners(resnet, runner_exe, tmp_path):
-    from deploytool.bundle import write_bundle
+    from deploytool.bundle.write import write_bundle
 
     param, bin = resnet
     report = tmp_path / "report.json"
@@ -294,7 +294,7 @@ def test_bundle_runs_with_both_runners(resnet, runner_exe, tmp_path):
 
 def test_bundle_is_atomic(resnet, tmp_path, monkeypatch):
     """A failure half-way leaves the previous bundle as it was and no temporary folder behind."""
-    import deploytool.bundle as bundle
+    import deploytool.bundle.write as bundle
 
     out = tmp_path / "b"
     bundle.write_bundle(out, *resnet, _meta())
@@ -303,7 +303,7 @@ def test_bundle_is_atomic(resnet, tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle, "_readme", fail)
+    monkeypatch.setattr(bundle, "readme", fail)
     with pytest.raises(OSError, match="disk full"):
         bundle.write_bundle(out, *resnet, _meta())
     assert [p.name for p in tmp_path.iterdir()] == ["b"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import sshd
 
-from deploytool.bundle import NCNN_DIR_PLACEHOLDER, readme_build_commands, runner_path
+from deploytool.bundle.readme import NCNN_DIR_PLACEHOLDER, readme_build_commands
+from deploytool.bundle.target import runner_path
 from deploytool.deploy import deploy, native_commands
 from deploytool.errors import RemoteDeployError, SpecError
 from deploytool.targets.build import ncnn_cmake_dir

@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 
 from deploytool.detect import (
-    DetectionParity,
     Detections,
-    DetectSettings,
     box_iou,
     compare_raw,
     draw,
@@ -14,7 +12,9 @@ from deploytool.detect import (
     postprocess,
 )
 from deploytool.errors import SpecError
-from deploytool.inputs import Geometry, letterbox
+from deploytool.inputs import letterbox
+from deploytool.results import DetectionParity, Geometry
+from deploytool.spec import DetectSettings
 
 NC = 3
 

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from deploytool.cli import app
-from deploytool.pipeline import Recipe, RunOptions, run
-from deploytool.spec import load_spec
+from deploytool.options import Recipe, RunOptions
+from deploytool.pipeline import run
+from deploytool.spec_toml import load_spec
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from deploytool.cli import app
-from deploytool.pipeline import RunOptions, run
-from deploytool.spec import load_spec
+from deploytool.options import RunOptions
+from deploytool.pipeline import run
+from deploytool.spec_toml import load_spec
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def test_shifted_boxes_fail_detection_parity(yolo_cpu):
 
     from deploytool.inputs import inputs_for
     from deploytool.judge import detect_agreement
-    from deploytool.spec import build_model
+    from deploytool.model import build_model
 
     out, _ = yolo_cpu
     spec = load_spec("yolov8n")
@@ -77,7 +78,7 @@ def test_shifted_boxes_fail_detection_parity(yolo_cpu):
     ok, _ = detect_agreement(spec, items, [{"output": ref}], [{"output": ref}])
     bad, _ = detect_agreement(spec, items, [{"output": ref}], [{"output": shifted}])
     assert ok.passed and not bad.passed and bad.detection_agreement == 0.0
-    assert any("IoU" in line for line in bad.per_input[0]["failures"])
+    assert any("IoU" in line for line in bad.per_input[0].parity.failures)
 
 
 def test_layerwise_blames_a_corrupted_yolo_convolution(yolo_cpu, tmp_path):

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from deploytool.cli import app
 from deploytool.inputs import load_inputs
-from deploytool.spec import IMAGENET_MEAN, IMAGENET_STD, load_spec
+from deploytool.spec import IMAGENET_MEAN, IMAGENET_STD
+from deploytool.spec_toml import load_spec
 from deploytool.zoo import imagenet_classes
 from deploytool.zoo.efficientnet_lite import (
     LITE0_STAGES,

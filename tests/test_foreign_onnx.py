@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from deploytool.cli import app
 from deploytool.convert import onnx_declared_input
 from deploytool.errors import BackendUnavailable, SpecError
-from deploytool.foreign import OnnxRef
-from deploytool.spec import build_model, load_spec, spec_from_dict
+from deploytool.model import build_model
+from deploytool.spec import OnnxRef
+from deploytool.spec_toml import load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deploytool.cli import app
-from deploytool.quantize import read_table, write_table
+from deploytool.quantize.table import read_table, write_table
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 pytestmark = pytest.mark.slow

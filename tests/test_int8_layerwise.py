@@ -11,9 +11,11 @@ import pytest
 import torch
 from helpers import convert_model
 
-from deploytool import quantize as Q
 from deploytool.interpreter import NcnnInterpreter
 from deploytool.layerwise import layerwise
+from deploytool.ncnn_param import read_model
+from deploytool.quantize.calibrate import calibrate
+from deploytool.quantize.write import quantize_model
 
 
 class Net(torch.nn.Module):
@@ -36,8 +38,9 @@ def int8_files(tmp_path_factory):
     param, bin = convert_model(Net().eval(), torch.randn(1, 3, 24, 24), folder)
     rng = np.random.default_rng(0)
     feeds = [{"in0": rng.standard_normal((1, 3, 24, 24)).astype(np.float32)} for _ in range(4)]
-    table = Q.calibrate(param, bin, feeds, method="kl")
-    layers = Q.quantize_model(param, bin, table, folder / "q.param", folder / "q.bin")
+    model = read_model(param, bin)
+    table = calibrate(model, feeds, method="kl")
+    layers = quantize_model(model, table, folder / "q.param", folder / "q.bin")
     return folder / "q.param", folder / "q.bin", layers, feeds[0]
 
 
@@ -64,14 +67,14 @@ def test_a_corrupted_weight_scale_in_the_int8_bin_is_named_at_its_layer(int8_fil
     # arithmetic of the good one (what a kernel that misreads one scale looks like): only that layer
     # fails, since every layer is fed ncnn's own inputs
     from deploytool.backends.ncnn_runner import NcnnRunner
-    from deploytool.layerwise import INT8_PEAK_RTOL, _layer_by_layer, compare_blobs
+    from deploytool.judge import LAYER_TOLERANCES
+    from deploytool.layerwise import _layer_by_layer, compare_blobs
 
     with NcnnRunner(param, bad, precision="int8") as runner:
         blobs = runner.extract_all(feed)
     good = NcnnInterpreter(param, bin)
-    results = compare_blobs(
-        blobs, _layer_by_layer(good, blobs), good.graph, 0.0, 0.0, peak_rtol=INT8_PEAK_RTOL
-    )
+    peak = LAYER_TOLERANCES["int8"].peak_rtol
+    results = compare_blobs(blobs, _layer_by_layer(good, blobs), good.graph, 0.0, 0.0, peak_rtol=peak)
     failed = {r.layer for r in results if not r.passed}
     assert failed == {target}
 

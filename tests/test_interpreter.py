@@ -15,7 +15,9 @@ from torch import nn
 
 from deploytool.backends.ncnn_runner import NcnnRunner
 from deploytool.errors import SpecError
-from deploytool.interpreter import NcnnInterpreter, UnsupportedLayerError, supported_types
+from deploytool.interpreter import NcnnInterpreter
+from deploytool.interpreter.blobs import UnsupportedLayerError
+from deploytool.interpreter.graph import supported_types
 from deploytool.zoo.init import randomise_batchnorm
 from deploytool.zoo.resnet import resnet18
 
@@ -336,7 +338,7 @@ def test_fp16_weights_broadcasts_and_permutes_match_ncnn(tmp_path):
     param, bin_ = write_graph(tmp_path, layers, 14 + 48, weights)
     x = rng.standard_normal((1, 3, 5, 6)).astype(np.float32)
     interp = NcnnInterpreter(param, bin_)
-    assert interp.weight_records[0].dtype == "float16"
+    assert interp.weight_record("conv").dtype == "float16"
     ours = interp.run({"in0": x})
     theirs = ncnn_blobs(param, bin_, x)
     for name, value in ours.items():
@@ -378,7 +380,7 @@ def test_bin_of_the_wrong_length_is_refused(tmp_path, extra):
 
 
 def test_shape_expressions_follow_ncnn_syntax():
-    from deploytool.interpreter import eval_shape_expr
+    from deploytool.interpreter.ops_shape import eval_shape_expr
 
     a = np.zeros((64, 20, 30))  # c, h, w
     b = np.zeros((5, 7))  # h, w

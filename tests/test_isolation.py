@@ -14,8 +14,8 @@ import pytest
 from deploytool.backends import isolated
 from deploytool.backends.isolated import CRASH_ENV
 from deploytool.backends.ncnn_runner import IN_PROCESS_ENV, NcnnRunner, NcnnVulkanRunner
-from deploytool.backends.registry import Artifacts, RunnerConfig, get_backend
 from deploytool.errors import BackendError, SpecError
+from deploytool.registry import Artifacts, RunnerConfig, get_backend
 
 X = np.linspace(-1.0, 1.0, 16, dtype=np.float32)
 

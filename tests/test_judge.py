@@ -64,9 +64,9 @@ def test_swapped_channels_fail_comparison():
 def test_topk_agreement():
     ref = np.array([0.1, 0.9, 0.5, 0.3, 0.2, 0.0])
     same = topk_agreement(ref, ref, k=5)
-    assert same["top1_match"] and same["top5_overlap"] == 1.0
+    assert same.top1_match and same.topk_overlap == 1.0
     other = topk_agreement(ref, np.array([0.9, 0.1, 0.5, 0.3, 0.2, 0.0]), k=5)
-    assert not other["top1_match"] and other["top1"] == 0
+    assert not other.top1_match and other.top1 == 0
 
 
 def test_error_histogram_counts_per_decade():
@@ -94,24 +94,26 @@ def test_peak_rtol_scales_with_the_tensor_range():
 
 
 def test_precision_a_backend_is_judged_at():
-    from deploytool.judge import judged_precision
+    from deploytool.registry import get_backend
 
-    assert judged_precision("ncnn-cpu", "fp16") == "fp16"
-    assert judged_precision("ncnn-vulkan", "bf16") == "bf16"
-    assert judged_precision("onnxruntime", "fp16") == "fp32"  # takes no ncnn precision
-    assert judged_precision("ncnn-cpu", "fp32", fp16_weights=True) == "fp16"  # pnnx fp16=1 weights
-    assert judged_precision("ncnn-cpp", "fp32", fp16_weights=True) == "fp16"
-    assert judged_precision("torch", "fp32", fp16_weights=True) == "fp32"
+    assert get_backend("ncnn-cpu").judged_precision("fp16") == "fp16"
+    assert get_backend("ncnn-vulkan").judged_precision("bf16") == "bf16"
+    assert get_backend("onnxruntime").judged_precision("fp16") == "fp32"  # takes no ncnn precision
+    # pnnx fp16=1 weights
+    assert get_backend("ncnn-cpu").judged_precision("fp32", fp16_weights=True) == "fp16"
+    assert get_backend("ncnn-cpp").judged_precision("fp32", fp16_weights=True) == "fp16"
+    assert get_backend("torch").judged_precision("fp32", fp16_weights=True) == "fp32"
 
 
 def test_judge_backend_uses_the_precision_tolerance_and_the_spec_top_k():
     from dataclasses import replace
 
-    from deploytool.judge import judge_backend
+    from deploytool.judge import judge_backend, tolerance_at
     from deploytool.results import InputItem
-    from deploytool.spec import load_spec
+    from deploytool.spec import ClassifySettings
+    from deploytool.spec_toml import load_spec
 
-    spec = replace(load_spec("resnet18"), task_args={"top_k": 3})
+    spec = replace(load_spec("resnet18"), classify=ClassifySettings(top_k=3))
     items = [InputItem("a.jpg", {}), InputItem("b.jpg", {})]
     rng = np.random.default_rng(0)
     ref = [{"logits": rng.standard_normal((1, 10))} for _ in items]
@@ -119,7 +121,8 @@ def test_judge_backend_uses_the_precision_tolerance_and_the_spec_top_k():
     fp32 = judge_backend(spec, "ncnn-cpu", "torch", items, ref, got, "fp32")
     fp16 = judge_backend(spec, "ncnn-cpu", "torch", items, ref, got, "fp16")
     assert not fp32.passed and fp16.passed  # 0.01 is outside fp32's 1e-4, inside fp16's tolerance
-    assert fp16.precision == "fp16" and fp16.comparisons[0].atol == spec.tolerance("ncnn-cpu", "fp16").atol
+    assert fp16.precision == "fp16"
+    assert fp16.comparisons[0].atol == tolerance_at(spec, "ncnn-cpu", "fp16").atol
     summary = fp16.summary()
     assert (
         summary["top1_agreement"] == 1.0 and "top3_agreement" in summary and "top5_agreement" not in summary

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import deploytool.pipeline as pipeline
+import deploytool.stages as stages
 from deploytool.cli import app
 from deploytool.errors import SpecError
 from deploytool.matrix import MatrixOptions, merge, parse_shard, plan, run_matrix
@@ -113,14 +113,15 @@ def test_the_cache_reuses_what_nothing_changed_and_misses_what_did(specs, tmp_pa
     assert "export" not in reused()
     _spec(specs, "alpha", 4)
     assert "export" in reused()
-    real = pipeline.versions
-    monkeypatch.setattr(pipeline, "versions", lambda: {**real(), "pnnx": "0.0.0-other"})
+    real = stages.versions
+    monkeypatch.setattr(stages, "versions", lambda: {**real(), "pnnx": "0.0.0-other"})
     assert "convert" not in reused() and "export" in reused()  # a new converter: convert again
 
 
 def test_changed_weights_miss_the_cache(specs, tmp_path):
-    from deploytool.pipeline import RunOptions, run
-    from deploytool.spec import load_spec
+    from deploytool.options import RunOptions
+    from deploytool.pipeline import run
+    from deploytool.spec_toml import load_spec
 
     spec = load_spec("alpha")
     weights = tmp_path / "w.pt"

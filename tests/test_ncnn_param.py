@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deploytool.errors import SpecError
-from deploytool.ncnn_param import TAG_FP16, TAG_FP32, TAG_INT8, check_files, parse_param_text
+from deploytool.ncnn_param import TAG_FP16, TAG_FP32, TAG_INT8, parse_param_text, read_model
 
 PARAM = """7767517
 5 6
@@ -89,7 +89,7 @@ CONV = ["Input in0 0 1 in0 0=8 1=8 2=3", "Convolution conv 1 1 in0 c 0=4 1=3 5=1
 )
 def test_files_that_match_pass(tmp_path, layers, weights):
     param, bin_ = write(tmp_path, layers, weights)
-    assert check_files(param, bin_).layers[-1].tops[-1] == "out0"
+    assert read_model(param, bin_).graph.layers[-1].tops[-1] == "out0"
 
 
 @pytest.mark.parametrize(
@@ -123,14 +123,14 @@ def test_files_that_match_pass(tmp_path, layers, weights):
 def test_a_bin_that_does_not_fit_names_the_first_layer(tmp_path, layers, weights, message):
     param, bin_ = write(tmp_path, layers, weights)
     with pytest.raises(SpecError, match=message):
-        check_files(param, bin_)
+        read_model(param, bin_)
 
 
 def test_unknown_layers_are_never_refused_on_a_guess(tmp_path):
     """LayerNorm's weights are not modelled: after it, a .bin with bytes to spare is not refused."""
     layers = [*LN, "InnerProduct fc 1 1 n out0 0=10 2=160"]
     param, bin_ = write(tmp_path, layers, floats(32) + tag(TAG_FP16) + bytes(320) + floats(500))
-    check_files(param, bin_)
+    read_model(param, bin_)
 
 
 @pytest.mark.parametrize(
@@ -145,4 +145,4 @@ def test_unknown_layers_are_never_refused_on_a_guess(tmp_path):
 def test_malformed_structure_names_the_layer(tmp_path, layers, blobs, message):
     param, bin_ = write(tmp_path, layers, b"", blobs)
     with pytest.raises(SpecError, match=message):
-        check_files(param, bin_)
+        read_model(param, bin_)

@@ -1,4 +1,4 @@
-"""ONNX Runtime's static int8 (deploytool/ort_quant.py) and the bench peer onnxruntime/int8: the model is
+"""ONNX Runtime's static int8 (deploytool/quantize/ort.py) and the bench peer onnxruntime/int8: the model is
 written and QDQ per-channel, it passes its int8 parity on ResNet18, and its bench row fails parity when
 the quantized model is broken."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import IMAGES
 
-from deploytool.judge import judged_precision
+from deploytool.registry import get_backend
 
 TESTS = Path(__file__).resolve().parent
 
@@ -52,16 +52,16 @@ def _scale_weights(path: Path, factor: float) -> str:
 
 
 def test_an_int8_model_is_judged_as_int8_whoever_runs_it():
-    assert judged_precision("onnxruntime", int8_model=True) == "int8"
-    assert judged_precision("ncnn-cpu", "int8") == "int8"
+    assert get_backend("onnxruntime").judged_precision(int8_model=True) == "int8"
+    assert get_backend("ncnn-cpu").judged_precision("int8") == "int8"
     # `run --ncnn-precision int8` still judges ONNX Runtime's fp32 model at fp32
-    assert judged_precision("onnxruntime", "int8") == "fp32"
+    assert get_backend("onnxruntime").judged_precision("int8") == "fp32"
 
 
 @pytest.fixture
 def tiny_spec(monkeypatch):
     """`test_ort_int8:tiny`, importable by the bench workers too."""
-    from deploytool.spec import load_spec
+    from deploytool.spec_toml import load_spec
 
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
@@ -123,11 +123,12 @@ def test_the_ort_int8_row_fails_parity_when_a_scale_is_broken(tiny_spec, tmp_pat
 def test_ort_int8_resnet18_is_qdq_per_channel_and_passes_int8_parity(tmp_path):
     from deploytool import judge
     from deploytool.backends.base import by_spec_name
-    from deploytool.backends.registry import Artifacts, RunnerConfig, create_runner
-    from deploytool.inputs import inputs_for
-    from deploytool.ort_quant import quantize_onnx
-    from deploytool.pipeline import calibration_images, export_model
-    from deploytool.spec import build_model, load_spec
+    from deploytool.inputs import calibration_images, inputs_for
+    from deploytool.model import build_model
+    from deploytool.quantize.ort import quantize_onnx
+    from deploytool.registry import Artifacts, RunnerConfig, create_runner
+    from deploytool.spec_toml import load_spec
+    from deploytool.stages import export_model
 
     spec = load_spec("resnet18")
     items = inputs_for(spec, [IMAGES], dynamic=False)
@@ -159,8 +160,12 @@ def test_ort_int8_resnet18_is_qdq_per_channel_and_passes_int8_parity(tmp_path):
     assert summary["tolerance"]["precision"] == "int8"
     bad = [(c.input, c.peak_rel) for c in verdict.comparisons if not c.passed]
     assert not bad, f"int8 elementwise parity (peak_rel <= 0.15) failed: {bad}"
-    assert summary["cosine"] > 0.999 and summary["top5_agreement"] == 1.0
+    # Top-5 sets are not compared exactly: ORT's int8 kernels round differently on each CPU (AVX2,
+    # AVX-512 VNNI, AMX) and seeded ResNet18 logits have near-ties at the 5th/6th place (a Xeon with
+    # VNNI/AMX swapped one boundary class on one photo: top5_agreement 0.95; AMD Zen: 1.00). The run
+    # itself judges top-1 only (classify_agreement); a broken int8 model loses far more than one class.
+    assert summary["cosine"] > 0.999 and summary["top5_agreement"] >= 0.9
     # Measured: top-1 3/4. Seeded ResNet18's top two logits on chelsea.jpg differ by 0.015 (of a range
     # of ~10), a tie that int8 rounding flips (every ORT calibration tried did); ncnn's int8 keeps it.
-    swapped = [p for p in verdict.task.per_input if not p["top1_match"]]
-    assert all(p["top1_margin_ref"] < 0.05 for p in swapped), swapped
+    swapped = [p for p in verdict.task.per_input if not p.top1_match]
+    assert all(p.top1_margin_ref < 0.05 for p in swapped), swapped

@@ -109,12 +109,15 @@ def arm(tmp_path_factory) -> Arm:
     _require()
     import torch
 
-    from deploytool.bundle import meta_for
     from deploytool.convert import convert
     from deploytool.export import export_torchscript
-    from deploytool.inputs import preprocess, read_image
-    from deploytool.quantize import calibrate, calibration_feeds, quantize_model
-    from deploytool.spec import build_model, load_spec
+    from deploytool.inputs import calibration_feeds, preprocess, read_image
+    from deploytool.model import build_model
+    from deploytool.ncnn_param import read_model
+    from deploytool.quantize.calibrate import calibrate
+    from deploytool.quantize.write import quantize_model
+    from deploytool.runfolder import meta_for
+    from deploytool.spec_toml import load_spec
     from deploytool.targets.build import build_runner
 
     tmp = tmp_path_factory.mktemp("qemu")
@@ -124,8 +127,9 @@ def arm(tmp_path_factory) -> Arm:
     conv = convert(tmp / "model.pt", tmp, input_shape=spec.input_shape)
     fp32 = Model(conv.param, conv.bin, meta_for(spec, conv.param))
     photos = [REPO / "images" / p for p in PHOTOS]
-    table = calibrate(conv.param, conv.bin, calibration_feeds(spec, photos), method="kl")
-    quantize_model(conv.param, conv.bin, table, tmp / "model.int8.param", tmp / "model.int8.bin")
+    model = read_model(conv.param, conv.bin)
+    table = calibrate(model, calibration_feeds(spec, photos), method="kl")
+    quantize_model(model, table, tmp / "model.int8.param", tmp / "model.int8.bin")
     int8 = Model(tmp / "model.int8.param", tmp / "model.int8.bin", fp32.meta)
     feeds = {}
     for photo in photos:

@@ -11,11 +11,22 @@ import pytest
 import torch
 from helpers import convert_model
 
-from deploytool import quantize as Q
 from deploytool.backends.ncnn_runner import NcnnRunner
 from deploytool.errors import SpecError
-from deploytool.inputs import collect_images
-from deploytool.ncnn_param import Layer, read_param
+from deploytool.inputs import calibration_feeds, collect_images
+from deploytool.ncnn_param import Layer, read_model, read_param, requantized_blobs, round_half_away
+from deploytool.quantize.calibrate import (
+    KL_EPS,
+    METHODS,
+    NUM_BINS,
+    _uses_6bit,
+    calibrate,
+    calibration_layers,
+    kl_threshold_bin,
+    weight_scales,
+)
+from deploytool.quantize.table import CalibrationTable, read_table, write_table
+from deploytool.quantize.write import quantize_model, requantize_targets
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"
@@ -37,26 +48,26 @@ NCNN2TABLE_TEXT = (
 def test_table_round_trip_is_byte_exact(tmp_path):
     src = tmp_path / "in.table"
     src.write_text(NCNN2TABLE_TEXT)
-    table = Q.read_table(src)
+    table = read_table(src)
     assert set(table.weight_scales) == {"conv1", "fc"}
     np.testing.assert_allclose(table.weight_scales["conv1"], [161.479919, 12.0], rtol=1e-7)
     np.testing.assert_allclose(table.blob_scales["fc"], [302.814606], rtol=1e-7)
     assert table.fp32_layers == {"fc"}
-    Q.write_table(tmp_path / "out.table", table)
+    write_table(tmp_path / "out.table", table)
     assert (tmp_path / "out.table").read_text() == NCNN2TABLE_TEXT
 
 
 def test_written_table_uses_ncnn2table_layout(tmp_path):
-    table = Q.CalibrationTable(
+    table = CalibrationTable(
         weight_scales={"a": np.array([1.5, 2.0]), "b": np.array([3.0])},
         blob_scales={"a": np.array([10.0]), "b": np.array([0.25])},
         fp32_layers={"b"},
     )
-    Q.write_table(tmp_path / "t.table", table)
+    write_table(tmp_path / "t.table", table)
     text = (tmp_path / "t.table").read_text()
     # weight lines first, then bottom-blob lines; "%f " per value; both lines of an fp32 layer commented
     assert text == "a_param_0 1.500000 2.000000 \n#b_param_0 3.000000 \na 10.000000 \n#b 0.250000 \n"
-    again = Q.read_table(tmp_path / "t.table")
+    again = read_table(tmp_path / "t.table")
     assert again.fp32_layers == {"b"} and again.layers() == ["a", "b"]
 
 
@@ -72,7 +83,7 @@ def test_malformed_table_lines_are_refused(tmp_path, text, message):
     path = tmp_path / "bad.table"
     path.write_text(text)
     with pytest.raises(SpecError, match=message) as info:
-        Q.read_table(path)
+        read_table(path)
     assert "bad.table:" in str(info.value)  # names the line
 
 
@@ -119,7 +130,7 @@ def test_weight_scales_match_a_hand_computation(tiny):
     conv3, conv_s2 = names["Convolution"]
     (dw,) = names["ConvolutionDepthWise"]
     (fc,) = names["InnerProduct"]
-    scales = Q.weight_scales(param, bin)
+    scales = weight_scales(read_model(param, bin))
     absmax = {
         conv3: model.conv3.weight.abs().amax(dim=(1, 2, 3)),
         dw: model.dw.weight.abs().amax(dim=(1, 2, 3)),  # one per group
@@ -136,14 +147,14 @@ def test_six_bit_rule_conditions():
     def conv(p):
         return Layer("Convolution", "c", ["a"], ["b"], {0: 4, 6: 36, **p})
 
-    assert Q._uses_6bit(conv({1: 3}))
-    assert Q._uses_6bit(conv({1: 3, 11: 3, 2: 1, 12: 1, 3: 1, 13: 1}))
-    assert not Q._uses_6bit(conv({1: 3, 3: 2}))  # stride 2
-    assert not Q._uses_6bit(conv({1: 3, 13: 2}))  # stride_h 2
-    assert not Q._uses_6bit(conv({1: 3, 2: 2}))  # dilation 2
-    assert not Q._uses_6bit(conv({1: 1}))  # 1x1
-    assert not Q._uses_6bit(conv({1: 3, 11: 1}))  # 3x1
-    assert not Q._uses_6bit(Layer("ConvolutionDepthWise", "d", ["a"], ["b"], {1: 3, 7: 4}))
+    assert _uses_6bit(conv({1: 3}))
+    assert _uses_6bit(conv({1: 3, 11: 3, 2: 1, 12: 1, 3: 1, 13: 1}))
+    assert not _uses_6bit(conv({1: 3, 3: 2}))  # stride 2
+    assert not _uses_6bit(conv({1: 3, 13: 2}))  # stride_h 2
+    assert not _uses_6bit(conv({1: 3, 2: 2}))  # dilation 2
+    assert not _uses_6bit(conv({1: 1}))  # 1x1
+    assert not _uses_6bit(conv({1: 3, 11: 1}))  # 3x1
+    assert not _uses_6bit(Layer("ConvolutionDepthWise", "d", ["a"], ["b"], {1: 3, 7: 4}))
 
 
 def test_table_is_validated_against_the_graph(tiny, tmp_path):
@@ -158,7 +169,7 @@ def test_table_is_validated_against_the_graph(tiny, tmp_path):
     ]:
         (tmp_path / "t.table").write_text(text)
         with pytest.raises(SpecError, match=message):
-            Q.read_table(tmp_path / "t.table", graph)
+            read_table(tmp_path / "t.table", graph)
 
 
 def _reference_kl_threshold(hist: np.ndarray, target: int) -> int:
@@ -167,7 +178,7 @@ def _reference_kl_threshold(hist: np.ndarray, target: int) -> int:
     p = hist / hist.sum()
     best, best_kl = target, math.inf
     for t in range(target, len(p)):
-        clip = p[:t] + Q.KL_EPS
+        clip = p[:t] + KL_EPS
         clip[-1] += p[t:].sum()
         w = t / target
         overlap = np.zeros((target, t))
@@ -175,7 +186,7 @@ def _reference_kl_threshold(hist: np.ndarray, target: int) -> int:
             for k in range(t):
                 overlap[j, k] = max(0.0, min((j + 1) * w, k + 1) - max(j * w, k))
         q = overlap @ p[:t] / overlap.sum(axis=1)
-        expand = q @ overlap + Q.KL_EPS
+        expand = q @ overlap + KL_EPS
         kl = float(np.sum(clip * np.log(clip / expand)))
         if kl < best_kl:
             best, best_kl = t, kl
@@ -188,20 +199,20 @@ def test_kl_search_matches_a_direct_transcription():
         np.histogram(np.abs(rng.standard_normal(20000)), bins=96, range=(0, 5))[0],
         np.histogram(rng.exponential(size=20000), bins=96, range=(0, 9))[0],
     ):
-        assert Q.kl_threshold_bin(hist, target=8) == _reference_kl_threshold(hist.astype(float), 8)
+        assert kl_threshold_bin(hist, target=8) == _reference_kl_threshold(hist.astype(float), 8)
     # a long tail of rare outliers is clipped; a compact distribution is not
-    tail = np.histogram(np.abs(rng.standard_normal(100000)), bins=Q.NUM_BINS, range=(0, 40))[0]
-    assert Q.kl_threshold_bin(tail) < Q.NUM_BINS // 2
+    tail = np.histogram(np.abs(rng.standard_normal(100000)), bins=NUM_BINS, range=(0, 40))[0]
+    assert kl_threshold_bin(tail) < NUM_BINS // 2
 
 
 def test_kl_keeps_the_range_of_a_constant_input():
     """A blob whose |x| is one value (all mass in the top bin: YOLO's grid is a convolution over a blob
     of ones) is not clipped: ncnn2table's search, which always clips, scaled it to 1/16 of its value."""
-    spike = np.zeros(Q.NUM_BINS)
+    spike = np.zeros(NUM_BINS)
     spike[-1] = 1600
-    assert Q.kl_threshold_bin(spike) == Q.NUM_BINS
-    tail = np.histogram(np.abs(np.random.default_rng(2).standard_normal(50000)), bins=Q.NUM_BINS)[0]
-    assert Q.kl_threshold_bin(tail) < Q.NUM_BINS  # an ordinary tail is still clipped
+    assert kl_threshold_bin(spike) == NUM_BINS
+    tail = np.histogram(np.abs(np.random.default_rng(2).standard_normal(50000)), bins=NUM_BINS)[0]
+    assert kl_threshold_bin(tail) < NUM_BINS  # an ordinary tail is still clipped
 
 
 def _int8_outputs(param, bin, feeds):
@@ -209,14 +220,14 @@ def _int8_outputs(param, bin, feeds):
         return [next(iter(runner.infer(f).values())) for f in feeds]
 
 
-@pytest.mark.parametrize("method", Q.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_tiny_net_int8_runs_in_ncnn_close_to_fp32(tiny, tmp_path, method):
     _, param, bin, feeds = tiny
-    table = Q.calibrate(param, bin, feeds, method=method)
-    Q.write_table(tmp_path / "t.table", table)
-    table = Q.read_table(tmp_path / "t.table", read_param(param))  # what ncnn2int8 would read
-    done = Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin")
-    assert done == [x.name for x in Q.calibration_layers(read_param(param))]
+    table = calibrate(read_model(param, bin), feeds, method=method)
+    write_table(tmp_path / "t.table", table)
+    table = read_table(tmp_path / "t.table", read_param(param))  # what ncnn2int8 would read
+    done = quantize_model(read_model(param, bin), table, tmp_path / "q.param", tmp_path / "q.bin")
+    assert done == [x.name for x in calibration_layers(read_param(param))]
     q_layers = {x.name: x for x in read_param(tmp_path / "q.param").layers}
     # conv3 and dw hand int8 straight to the next convolution (requantised, 8=10x, as ncnn2int8 does)
     terms = [q_layers[name].get(8) for name in done]
@@ -236,16 +247,16 @@ def test_requantisation_changes_no_output_and_its_int8_blobs_read_back_as_floats
     itself: the outputs are identical, and the blobs ncnn hands out as int8 values (value / scale) are
     the plain model's blobs on the int8 grid."""
     _, param, bin, feeds = tiny
-    table = Q.calibrate(param, bin, feeds, method="minmax")
-    Q.quantize_model(param, bin, table, tmp_path / "f.param", tmp_path / "f.bin")
-    Q.quantize_model(param, bin, table, tmp_path / "p.param", tmp_path / "p.bin", requantize=False)
+    table = calibrate(read_model(param, bin), feeds, method="minmax")
+    quantize_model(read_model(param, bin), table, tmp_path / "f.param", tmp_path / "f.bin")
+    quantize_model(read_model(param, bin), table, tmp_path / "p.param", tmp_path / "p.bin", requantize=False)
     assert "8=102" in (tmp_path / "f.param").read_text() and "8=10" not in (tmp_path / "p.param").read_text()
-    fused = Q.requantized_blobs(tmp_path / "f.param", tmp_path / "f.bin")
+    fused = requantized_blobs(read_model(tmp_path / "f.param", tmp_path / "f.bin"))
     conv3 = next(x for x in read_param(param).layers if x.type == "Convolution")
     assert fused[conv3.tops[0]] == pytest.approx(
         float(
             table.blob_scales[
-                Q.requantize_targets(
+                requantize_targets(
                     read_param(tmp_path / "p.param"), set(table.blob_scales), table.blob_scales
                 )[conv3.name]
             ][0]
@@ -258,17 +269,19 @@ def test_requantisation_changes_no_output_and_its_int8_blobs_read_back_as_floats
     out = read_param(param).output_names[0]
     np.testing.assert_array_equal(f_blobs[out], p_blobs[out])
     for blob, scale in fused.items():
-        on_grid = np.clip(Q.round_half_away(p_blobs[blob].astype(np.float64) * np.float32(scale)), -127, 127)
+        on_grid = np.clip(round_half_away(p_blobs[blob].astype(np.float64) * np.float32(scale)), -127, 127)
         np.testing.assert_allclose(f_blobs[blob], on_grid / np.float32(scale), rtol=1e-6, atol=1e-6)
 
 
 def test_kept_fp32_layers_are_copied_unchanged(tiny, tmp_path):
     _, param, bin, feeds = tiny
-    table = Q.calibrate(param, bin, feeds, method="minmax")
+    table = calibrate(read_model(param, bin), feeds, method="minmax")
     (fc,) = _by_type(param)["InnerProduct"]
     (dw,) = _by_type(param)["ConvolutionDepthWise"]
     table.fp32_layers.add(dw)  # as a `#` line would
-    done = Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin", keep_fp32=[fc])
+    done = quantize_model(
+        read_model(param, bin), table, tmp_path / "q.param", tmp_path / "q.bin", keep_fp32=[fc]
+    )
     assert fc not in done and dw not in done and len(done) == 2
     old = Path(param).read_text().splitlines()
     new = (tmp_path / "q.param").read_text().splitlines()
@@ -281,16 +294,18 @@ def test_kept_fp32_layers_are_copied_unchanged(tiny, tmp_path):
     for r, g in zip(ref, _int8_outputs(tmp_path / "q.param", tmp_path / "q.bin", feeds), strict=True):
         assert cosine(r, g) > 0.999
     with pytest.raises(SpecError, match="'nosuch' is not in"):
-        Q.quantize_model(param, bin, table, tmp_path / "x.param", tmp_path / "x.bin", keep_fp32=["nosuch"])
+        quantize_model(
+            read_model(param, bin), table, tmp_path / "x.param", tmp_path / "x.bin", keep_fp32=["nosuch"]
+        )
 
 
 def test_corrupted_scale_in_int8_bin_fails_parity(tiny, tmp_path):
     """The parity check can fail: one bottom-blob scale scaled by 20 in the int8 .bin clips that layer's
     input, and the int8 model no longer matches fp32."""
     _, param, bin, feeds = tiny
-    table = Q.calibrate(param, bin, feeds, method="kl")
+    table = calibrate(read_model(param, bin), feeds, method="kl")
     # without requantisation each scale is written once (with it, dw's bottom scale is conv3's top too)
-    Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin", requantize=False)
+    quantize_model(read_model(param, bin), table, tmp_path / "q.param", tmp_path / "q.bin", requantize=False)
     conv = _by_type(param)["Convolution"][1]
     scale = table.blob_scales[conv].astype(np.float32).tobytes()
     data = (tmp_path / "q.bin").read_bytes()
@@ -305,11 +320,14 @@ def test_corrupted_scale_in_int8_bin_fails_parity(tiny, tmp_path):
 
 def test_int8_model_cannot_be_quantised_again(tiny, tmp_path):
     _, param, bin, feeds = tiny
-    table = Q.calibrate(param, bin, feeds, method="minmax")
-    Q.quantize_model(param, bin, table, tmp_path / "q.param", tmp_path / "q.bin")
+    table = calibrate(read_model(param, bin), feeds, method="minmax")
+    quantize_model(read_model(param, bin), table, tmp_path / "q.param", tmp_path / "q.bin")
     with pytest.raises(SpecError, match="only Convolution|cannot size|int8"):
-        Q.quantize_model(
-            tmp_path / "q.param", tmp_path / "q.bin", table, tmp_path / "r.param", tmp_path / "r.bin"
+        quantize_model(
+            read_model(tmp_path / "q.param", tmp_path / "q.bin"),
+            table,
+            tmp_path / "r.param",
+            tmp_path / "r.bin",
         )
 
 
@@ -337,17 +355,19 @@ def test_calibration_and_eval_photos_are_disjoint_and_not_demo_inputs():
 @pytest.mark.slow
 def test_resnet18_int8_kl_parity(tmp_path):
     from deploytool.backends.torch_runner import TorchRunner
-    from deploytool.pipeline import RunOptions, run
-    from deploytool.spec import build_model, load_spec
+    from deploytool.model import build_model
+    from deploytool.options import RunOptions
+    from deploytool.pipeline import run
+    from deploytool.spec_toml import load_spec
 
     spec = load_spec("resnet18")
     run(spec, RunOptions(out=tmp_path, images=(IMAGES,), backends="torch,ncnn-cpu"))
     param, bin = tmp_path / "model.ncnn.param", tmp_path / "model.ncnn.bin"
-    table = Q.calibrate(param, bin, Q.calibration_feeds(spec, [IMAGES / "calib"]), method="kl")
-    Q.write_table(tmp_path / "resnet18.table", table)
-    done = Q.quantize_model(param, bin, table, tmp_path / "int8.param", tmp_path / "int8.bin")
+    table = calibrate(read_model(param, bin), calibration_feeds(spec, [IMAGES / "calib"]), method="kl")
+    write_table(tmp_path / "resnet18.table", table)
+    done = quantize_model(read_model(param, bin), table, tmp_path / "int8.param", tmp_path / "int8.bin")
     assert len(done) == 21  # 20 convolutions and the classifier
-    feeds = list(Q.calibration_feeds(spec, [IMAGES / "eval", IMAGES])())
+    feeds = list(calibration_feeds(spec, [IMAGES / "eval", IMAGES])())
     model = build_model(spec)
     model = model[0] if isinstance(model, tuple) else model
     with (

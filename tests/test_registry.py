@@ -10,12 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deploytool.backends import registry
+from deploytool import registry
 from deploytool.backends.ort_runner import OnnxRuntimeRunner
 from deploytool.cli import app
 from deploytool.errors import BackendUnavailable, SpecError
-from deploytool.pipeline import RunOptions, run
-from deploytool.spec import load_spec
+from deploytool.judge import tolerance_at
+from deploytool.options import RunOptions
+from deploytool.pipeline import run
+from deploytool.spec_toml import load_spec
 
 
 class Tiny(torch.nn.Module):
@@ -42,24 +44,24 @@ class ShiftedOrt(OnnxRuntimeRunner):
         return {k: v + 0.01 for k, v in super()._infer(feed).items()}
 
 
-def _ort_noopt():
-    return OnnxRuntimeRunner
+class Gone:
+    """A runner whose library is missing."""
 
-
-def _shifted():
-    return ShiftedOrt
+    @staticmethod
+    def available():
+        return 0, "x"
 
 
 NOOPT = registry.Backend(
     "onnxruntime-noopt",
     "onnxruntime",
-    _ort_noopt,
+    "deploytool.backends.ort_runner:OnnxRuntimeRunner",
     lambda cls, b: cls(b.art.onnx, b.config.threads, optimize=False),
     needs=("onnx",),
     description="ONNX Runtime with graph optimisations off",
 )
 SHIFTED = dataclasses.replace(
-    NOOPT, name="ort-shifted", runner=_shifted, build=lambda cls, b: cls(b.art.onnx)
+    NOOPT, name="ort-shifted", runner=f"{__name__}:ShiftedOrt", build=lambda cls, b: cls(b.art.onnx)
 )
 
 
@@ -75,7 +77,7 @@ def test_every_declaration_is_consistent():
         assert backend.name == name and backend.family in ("torch", "onnxruntime", "ncnn")
         assert set(backend.needs) <= fields, name
         assert "fp32" in backend.precisions
-        assert backend.runner().name == name  # the Runner class reports the same name
+        assert backend.runner_class().name == name  # the Runner class reports the same name
     assert registry.REFERENCE in registry.default_backends()
     assert set(registry.bench_backends()) <= set(registry.BACKENDS)
 
@@ -89,9 +91,7 @@ def test_unknown_backend_gets_a_suggestion():
 
 
 def test_a_named_backend_that_cannot_run_is_exit_4(monkeypatch):
-    gone = dataclasses.replace(
-        NOOPT, name="gone", runner=lambda: type("G", (), {"available": lambda: (0, "x")})
-    )
+    gone = dataclasses.replace(NOOPT, name="gone", runner=f"{__name__}:Gone")
     monkeypatch.setitem(registry.BACKENDS, "gone", gone)
     with pytest.raises(BackendUnavailable, match="backend gone is unavailable: x"):
         registry.select_backends("torch,gone")
@@ -132,14 +132,13 @@ def test_a_backend_registered_in_one_place_runs_in_run_parity_cli_and_doctor(ext
 
 
 def test_tolerance_of_a_new_backend_falls_back_to_the_default(extra_backends):
-    from deploytool.judge import judged_precision, tolerance
+    from deploytool.judge import tolerance
 
     spec = load_spec("resnet18")
-    assert judged_precision("onnxruntime-noopt", "fp16", fp16_weights=True) == "fp32"
-    assert tolerance(spec, "onnxruntime-noopt", "fp16") == spec.tolerance("default")
-    assert np.isclose(
-        tolerance(spec, "ncnn-cpu", "fp32", fp16_weights=True).atol, spec.tolerance("ncnn-cpu", "fp16").atol
-    )
+    assert registry.get_backend("onnxruntime-noopt").judged_precision("fp16", fp16_weights=True) == "fp32"
+    assert tolerance(spec, "onnxruntime-noopt", "fp16") == tolerance_at(spec, "default")
+    fp16 = tolerance_at(spec, "ncnn-cpu", "fp16")
+    assert np.isclose(tolerance(spec, "ncnn-cpu", "fp32", fp16_weights=True).atol, fp16.atol)
 
 
 def test_a_backend_name_may_carry_a_target():
@@ -173,10 +172,10 @@ def test_a_target_tolerance_falls_back_along_the_lineage(tmp_path):
         '[tolerance."ncnn-cpp@aarch64:max"]\natol = 2e-5\nrtol = 1e-5\n'
     )
     spec = load_spec(str(toml))
-    assert spec.tolerance("ncnn-cpp@aarch64:max", "fp16").atol == 0.03  # BACKEND@KIND-PRECISION
-    assert spec.tolerance("ncnn-cpp@aarch64:max", "fp32").atol == 2e-5  # the exact name
-    assert spec.tolerance("ncnn-cpp@aarch64", "fp32").atol == 1e-4  # nothing for it: the default
-    assert spec.tolerance("ncnn-cpp@ssh:pi@b", "fp16").atol != 0.03  # a board is not the emulator
+    assert tolerance_at(spec, "ncnn-cpp@aarch64:max", "fp16").atol == 0.03  # BACKEND@KIND-PRECISION
+    assert tolerance_at(spec, "ncnn-cpp@aarch64:max", "fp32").atol == 2e-5  # the exact name
+    assert tolerance_at(spec, "ncnn-cpp@aarch64", "fp32").atol == 1e-4  # nothing for it: the default
+    assert tolerance_at(spec, "ncnn-cpp@ssh:pi@b", "fp16").atol != 0.03  # a board is not the emulator
     bad = tmp_path / "bad.toml"
     bad.write_text(toml.read_text().replace("aarch64:max", "venus"))
     with pytest.raises(SpecError, match="unknown backend or precision 'ncnn-cpp@venus'"):

@@ -9,7 +9,8 @@ from rich.console import Console
 from deploytool.judge import classify_agreement, compare_tensors
 from deploytool.report import console_summary, write_json, write_junit
 from deploytool.results import BackendResult, InputItem, RunReport
-from deploytool.spec import Tolerance, load_spec
+from deploytool.spec import Tolerance
+from deploytool.spec_toml import load_spec
 
 
 def _report(passed_second=True) -> RunReport:
@@ -104,7 +105,7 @@ def test_top1_disagreement_fails_the_task_check():
     assert not other.passed and other.top1_agreement == 0.0
     assert other.to_dict()["top1_agreement"] == 0.0 and "top5_agreement" in other.to_dict()
     row = other.per_input[0]
-    assert row["input"] == "cat.jpg" and row["top1_margin_ref"] == np.float64(0.9) - np.float64(0.4)
+    assert row.input == "cat.jpg" and row.top1_margin_ref == np.float64(0.9) - np.float64(0.4)
 
 
 def test_classify_agreement_names_the_classes_and_the_console_shows_a_swap():
@@ -116,7 +117,7 @@ def test_classify_agreement_names_the_classes_and_the_console_shows_a_swap():
     got[0, 282] = 6.0
     task = classify_agreement(spec, items, [{"logits": ref}], [{"logits": got}])
     row = task.per_input[0]
-    assert (row["top1_ref_name"], row["top1_name"]) == ("tabby", "tiger cat")
+    assert row.names == ("tabby", "tiger cat")
     report = _report()
     report.task = {"ncnn-cpu": task}
     console = Console(record=True, width=140)
@@ -132,7 +133,7 @@ def test_a_near_tie_in_the_reference_is_reported_but_not_judged():
     ref = [{"logits": np.array([[1.0, 0.98, 0.0]])}, {"logits": np.array([[1.0, 0.5, 0.0]])}]
     tie_swapped = [{"logits": np.array([[0.98, 1.0, 0.0]])}, ref[1]]
     task = classify_agreement(spec, items, ref, tie_swapped)
-    assert task.passed and task.top1_agreement == 1.0 and task.per_input[0]["near_tie"]
+    assert task.passed and task.top1_agreement == 1.0 and task.per_input[0].near_tie
     clear_swapped = [ref[0], {"logits": np.array([[0.5, 1.0, 0.0]])}]  # margin 0.5: judged, fails
     task = classify_agreement(spec, items, ref, clear_swapped)
     assert not task.passed and task.top1_agreement == 0.0
@@ -142,3 +143,30 @@ def test_a_near_tie_in_the_reference_is_reported_but_not_judged():
     console_summary(report, console)
     text = console.export_text()
     assert "(1 near-tie in the reference not judged)" in text and "(near-tie: not judged)" in text
+
+
+def test_a_report_reads_back_from_its_json(tmp_path):
+    """report.json -> RunReport.from_dict -> the same JSON, with task rows, layer rows and extras typed."""
+    from deploytool.detect import Detections, match_detections
+    from deploytool.results import DetectRow, LayerRow, TaskAgreement
+
+    spec = load_spec("efficientnet_lite0")
+    items = [InputItem("cat.jpg", {"input": np.zeros((1, 3, 2, 2), np.float32)})]
+    logits = np.zeros((1, 1000), np.float32)
+    logits[0, 281] = 5.0
+    report = _report(passed_second=False)
+    report.task = {"ncnn-cpu": classify_agreement(spec, items, [{"logits": logits}], [{"logits": logits}])}
+    dets = Detections(np.array([[0, 0, 10, 10]], np.float32), np.array([0.9], np.float32), np.array([1]))
+    parity = match_detections(dets, dets)
+    report.task["ncnn-vulkan"] = TaskAgreement(
+        "detect", True, [DetectRow("a.jpg", 1, parity)], detection_agreement=1.0
+    )
+    report.backends["ncnn-cpu"] = BackendResult(
+        "ncnn-cpu", error="crashed", extra={"image_path": {"passed": False}}
+    )
+    report.layers = [LayerRow("ncnn-cpu vs interpreter", 0, "b", "conv", "Convolution", float("inf"), False)]
+    report.first_failure = {"ncnn-cpu vs interpreter": report.layers[0]}
+    data = json.loads(write_json(report, tmp_path / "r.json").read_text())
+    again = RunReport.from_dict(data)
+    assert again.to_dict() == data and not again.passed
+    assert again.failed_image_paths == ["ncnn-cpu"] and again.verdicts["ncnn-vulkan"].tensors.failed == 1

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from deploytool.cli import app
 from deploytool.judge import parse_budget
 from deploytool.ncnn_param import read_param
-from deploytool.quantize import read_table, write_table
+from deploytool.quantize.table import read_table, write_table
 from deploytool.sensitivity import SCRATCH, LayerSensitivity, rank
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"

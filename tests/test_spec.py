@@ -1,7 +1,9 @@
 import pytest
 
 from deploytool.errors import SpecError
-from deploytool.spec import available_models, load_spec, parse_shape, spec_from_dict
+from deploytool.judge import tolerance_at
+from deploytool.spec import available_models
+from deploytool.spec_toml import load_spec, parse_shape, spec_from_dict
 
 
 def test_parse_shape_accepts_common_spellings():
@@ -32,9 +34,9 @@ def test_resnet18_spec_fields():
     spec = load_spec("resnet18")
     assert spec.input_shape == (1, 3, 224, 224)
     assert spec.preprocess.color == "rgb" and spec.task == "classify"
-    assert spec.tolerance("ncnn-cpu").atol == 1e-4
-    assert spec.tolerance("ncnn-vulkan").atol > spec.tolerance("ncnn-cpu").atol
-    assert spec.tolerance("ncnn-cpu", "fp16").atol > spec.tolerance("ncnn-cpu").atol
+    assert tolerance_at(spec, "ncnn-cpu").atol == 1e-4
+    assert tolerance_at(spec, "ncnn-vulkan").atol > tolerance_at(spec, "ncnn-cpu").atol
+    assert tolerance_at(spec, "ncnn-cpu", "fp16").atol > tolerance_at(spec, "ncnn-cpu").atol
 
 
 def test_every_spec_loads():
@@ -86,7 +88,7 @@ def test_per_output_and_per_precision_tolerances():
         },
         "t.toml",
     )
-    assert spec.tolerance("ncnn-vulkan", output="boxes").atol == 0.5
-    assert spec.tolerance("ncnn-vulkan", output="scores").atol == 1e-2
-    assert spec.tolerance("ncnn-vulkan", "fp16", output="scores").atol == 5e-2
-    assert spec.tolerance("onnxruntime", output="boxes").atol == 1e-4
+    assert tolerance_at(spec, "ncnn-vulkan", output="boxes").atol == 0.5
+    assert tolerance_at(spec, "ncnn-vulkan", output="scores").atol == 1e-2
+    assert tolerance_at(spec, "ncnn-vulkan", "fp16", output="scores").atol == 5e-2
+    assert tolerance_at(spec, "onnxruntime", output="boxes").atol == 1e-4

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from deploytool.cli import app
-from deploytool.spec import available_models, load_spec
+from deploytool.spec import available_models
+from deploytool.spec_toml import load_spec
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploytool.backends.ncnn_runner import OPTION_TYPES, check_ncnn_options, ncnn_options_of
 from deploytool.bench.records import BenchRow
 from deploytool.bench.tune import (
     CANDIDATES,
@@ -28,6 +27,7 @@ from deploytool.bench.tune import (
 from deploytool.errors import SpecError
 from deploytool.judge import parse_budget
 from deploytool.ncnn_param import parse_param_text
+from deploytool.runfolder import OPTION_TYPES, check_ncnn_options, ncnn_options_of
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"
@@ -122,8 +122,9 @@ def test_the_cpp_and_python_bundle_runners_know_the_same_keys():
 
 
 def test_meta_for_and_write_bundle_check_ncnn_options(tmp_path):
-    from deploytool.bundle import meta_for, write_bundle
-    from deploytool.spec import load_spec
+    from deploytool.bundle.write import write_bundle
+    from deploytool.runfolder import meta_for
+    from deploytool.spec_toml import load_spec
 
     spec_file = tmp_path / "tiny.toml"
     spec_file.write_text(TINY_SPEC)
@@ -201,9 +202,9 @@ def test_tune_base_times_the_defaults_and_the_best_other_set_again(tmp_path, def
     """A worker slowed down as a whole (a first median of 40 ms for the defaults, or of 13 ms for the
     other set) does not decide: both are timed again and each keeps its faster attempt; what wins is
     written to meta.json and nothing else."""
-    from deploytool.backends.registry import Artifacts
     from deploytool.bench.tune import tune_base
     from deploytool.bench.variants import get_variant
+    from deploytool.registry import Artifacts
 
     param = tmp_path / "model.ncnn.param"
     param.write_text(
@@ -299,8 +300,10 @@ def test_cli_tune_needs_ncnn_cpu(tmp_path):
 def tiny(tmp_path_factory):
     """The tiny classifier as a spec (its factory importable here and in worker processes), converted
     with pnnx; returns (spec, artifacts with meta.json, folder)."""
-    from deploytool.pipeline import RunOptions, StageTimer, build_artifacts
-    from deploytool.spec import load_spec
+    from deploytool.options import RunOptions
+    from deploytool.progress import StageTimer
+    from deploytool.spec_toml import load_spec
+    from deploytool.stages import build_artifacts
 
     d = tmp_path_factory.mktemp("tune")
     (d / "tune_tiny.py").write_text(TINY_SOURCE)
@@ -329,11 +332,12 @@ def test_tune_rejects_the_accuracy_breaking_set_and_records_the_pick(tiny):
     gives the Python runner those options."""
     import torch
 
-    from deploytool.backends.registry import RunnerConfig, create_runner
-    from deploytool.bench.orchestrate import BenchOptions, _bench_row
+    from deploytool.bench.orchestrate import _bench_row
+    from deploytool.bench.records import BenchOptions
     from deploytool.bench.tune import tune_base
     from deploytool.bench.variants import get_variant
-    from deploytool.pipeline import StageTimer
+    from deploytool.progress import StageTimer
+    from deploytool.registry import RunnerConfig, create_runner
 
     spec, art, out = tiny
     items = _photos(spec)

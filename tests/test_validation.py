@@ -20,21 +20,14 @@ from typer.testing import CliRunner
 from deploytool import convert as convert_mod
 from deploytool.cli import app
 from deploytool.convert import check_converter, check_onnx2ncnn, convert, convert_file
-from deploytool.detect import DetectSettings
 from deploytool.errors import BackendUnavailable, ConvertError, SpecError
 from deploytool.export import check_opset, export_onnx
 from deploytool.inputs import read_image
+from deploytool.judge import tolerance_at
+from deploytool.model import build_model
 from deploytool.progress import PREFIX as PROGRESS_PREFIX
-from deploytool.spec import (
-    MAX_INPUT_ELEMENTS,
-    ModelSpec,
-    available_models,
-    build_model,
-    load_spec,
-    model_dirs,
-    parse_shape,
-    spec_from_dict,
-)
+from deploytool.spec import DetectSettings, ModelSpec, available_models, model_dirs
+from deploytool.spec_toml import MAX_INPUT_ELEMENTS, load_spec, parse_shape, spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "images" / "chelsea.jpg"
@@ -177,7 +170,7 @@ def test_known_tolerance_keys_are_accepted():
         "tolerance", {k: {"atol": 1, "rtol": 1, "peak_rtol": 0.1} for k in ("fp16", "ncnn-cpu-bf16")}
     )
     spec = spec_from_dict(data, "m.toml")
-    assert spec.tolerance("ncnn-cpu", "bf16").peak_rtol == 0.1
+    assert tolerance_at(spec, "ncnn-cpu", "bf16").peak_rtol == 0.1
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,10 @@ import pytest
 import torch
 from helpers import convert_model
 
-from deploytool import quantize as Q
 from deploytool.backends.ncnn_runner import NcnnRunner, NcnnVulkanRunner
+from deploytool.ncnn_param import read_model
+from deploytool.quantize.calibrate import calibrate
+from deploytool.quantize.write import quantize_model
 from deploytool.report import _placement
 
 pytestmark = pytest.mark.vulkan
@@ -35,8 +37,9 @@ def int8_model(tmp_path_factory):
     param, bin = convert_model(DepthwiseNet().eval(), torch.randn(1, 3, 16, 16), folder)
     rng = np.random.default_rng(0)
     feeds = [{"in0": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
-    table = Q.calibrate(param, bin, feeds, method="minmax")
-    layers = Q.quantize_model(param, bin, table, folder / "q.param", folder / "q.bin")
+    model = read_model(param, bin)
+    table = calibrate(model, feeds, method="minmax")
+    layers = quantize_model(model, table, folder / "q.param", folder / "q.bin")
     return folder, layers, feeds
 
 

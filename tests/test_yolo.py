@@ -8,7 +8,9 @@ import torch
 
 from deploytool.detect import postprocess
 from deploytool.inputs import preprocess, read_image
-from deploytool.spec import build_model, load_spec
+from deploytool.judge import tolerance_at
+from deploytool.model import build_model
+from deploytool.spec_toml import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = sorted((ROOT / "images").glob("*.jpg"))
@@ -49,7 +51,7 @@ def test_anchor_grid_follows_the_input(model):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from deploytool.spec import load_weights
+    from deploytool.model import load_weights
     from deploytool.zoo.yolo import yolov8n
 
     a, b = yolov8n(seed=0), yolov8n(seed=1)
@@ -90,7 +92,7 @@ def test_pnnx_ncnn_matches_torch_at_dynamic_sizes(spec, model, converted):
     from deploytool.backends.ncnn_runner import NcnnRunner
 
     img = read_image(ROOT / "images" / "chelsea.jpg")
-    tol = spec.tolerance("ncnn-cpu")
+    tol = tolerance_at(spec, "ncnn-cpu")
     with NcnnRunner(*converted) as runner:
         for h, w in [(320, 320), (384, 640)]:
             x, _ = preprocess(img, spec.preprocess, w, h)
@@ -107,9 +109,9 @@ def test_vulkan_fp16_storage_detections_match_torch(spec, model, converted):
     # ncnn on Vulkan keeps fp16 storage even in fp32 mode (as deployed): the detections, not the raw
     # tensor, are what must agree, on every photo.
     from deploytool.backends.ncnn_runner import NcnnVulkanRunner
-    from deploytool.detect import DetectSettings, compare_raw
+    from deploytool.detect import compare_raw
 
-    settings = DetectSettings.from_task_args(spec.task_args)
+    settings = spec.detect
     failures, compared = [], 0
     with NcnnVulkanRunner(*converted) as runner:
         for path in IMAGES:

@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from deploytool.backends.ncnn_runner import vulkan_device_name
 from deploytool.cli import app
-from deploytool.pipeline import RunOptions, run
-from deploytool.spec import load_spec
+from deploytool.judge import tolerance_at
+from deploytool.options import RunOptions
+from deploytool.pipeline import run
+from deploytool.spec_toml import load_spec
 
 pytestmark = pytest.mark.slow
 PHOTOS = (IMAGES / "chelsea.jpg", IMAGES / "rocket.jpg")
@@ -67,7 +69,7 @@ def test_vulkan_passes_within_its_fp16_tolerance(family):
     comparisons = _checked(report, "ncnn-vulkan")
     spec = load_spec(name)
     # fp16 storage on the device: a looser bound than the CPU's
-    assert spec.tolerance("ncnn-vulkan").atol > spec.tolerance("ncnn-cpu").atol
+    assert tolerance_at(spec, "ncnn-vulkan").atol > tolerance_at(spec, "ncnn-cpu").atol
     assert all(c["passed"] for c in comparisons) and report["task"]["ncnn-vulkan"]["passed"]
     assert report["passed"]
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from deploytool.cli import app
 from deploytool.errors import SpecError
 from deploytool.inputs import declared_inputs, input_source, inputs_for
-from deploytool.spec import load_spec, spec_from_dict
+from deploytool.spec_toml import load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("lenet", "gru", "lstm", "forecaster", "eegnet")
@@ -253,7 +253,7 @@ def test_deployment_bug_fails_parity(name, tmp_path):
     bugged torch model, so the conversion carries the gates through), then check those ncnn files against
     the correct model: exit 1, and on every failing input the error is beyond every tolerance the spec
     sets, Vulkan's and fp16's included."""
-    from deploytool.spec import build_model
+    from deploytool.model import build_model
 
     spec = load_spec(name)
     state = build_model(spec).state_dict()

@@ -1,8 +1,7 @@
-"""Backends: the Runner interface (base.py), the registry that declares each backend once
+"""Backends: the Runner interface (base.py), the registry that declares each backend once, as data
 (registry.py), and one module per runner."""
 
-from .base import Runner
-from .registry import (
+from ..registry import (
     BACKENDS,
     REFERENCE,
     Artifacts,
@@ -14,8 +13,10 @@ from .registry import (
     default_backends,
     get_backend,
     parse_backends,
+    role,
     select_backends,
 )
+from .base import Runner
 
 __all__ = [
     "BACKENDS",
@@ -30,5 +31,6 @@ __all__ = [
     "default_backends",
     "get_backend",
     "parse_backends",
+    "role",
     "select_backends",
 ]

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError, SpecError
+from ..registry import NCNN_CPP_PRECISIONS
+from ..runfolder import META, ncnn_options_of, with_model_files, write_meta
 from ..targets.build import RUNNER_EXE, ncnn_wheel_version
 from .base import Runner
-from .ncnn_runner import ncnn_options_of
 
 # --ncnn-precision for the C++ runner: fp32 turns every reduced-precision path off (the runner's
 # default); fp16 turns on what ncnn turns on by default where the CPU has it (fp16 storage everywhere,
 # fp16 arithmetic on ARMv8.2); int8 is an int8 model, fp32 elsewhere.
-PRECISIONS = ("fp32", "fp16", "int8")
 FP16_OPTIONS = {"use_fp16_packed": True, "use_fp16_storage": True, "use_fp16_arithmetic": True}
 HOST_DECODER = "opencv"  # what deploytool's Python preprocessing decodes photos with (cv2.imread)
 
@@ -42,8 +42,9 @@ class NcnnCppRunner(Runner):
     ):
         super().__init__()
         self.param, self.bin = Path(param).resolve(), Path(bin).resolve()
-        if precision not in PRECISIONS:
-            raise SpecError(f"ncnn-cpp: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision not in NCNN_CPP_PRECISIONS:
+            choices = ", ".join(NCNN_CPP_PRECISIONS)
+            raise SpecError(f"ncnn-cpp: precision {precision!r} is not one of {choices}")
         tuned = ncnn_options_of(meta, f"{self.param.parent / 'meta.json'}")  # before any work
         options = {**(FP16_OPTIONS if precision == "fp16" else {}), **tuned}  # tuned ones last, as ncnn-cpu
         self.meta = dict(meta, ncnn_options=options) if options else dict(meta)
@@ -80,10 +81,9 @@ class NcnnCppRunner(Runner):
             if not f.is_file():
                 raise SpecError(f"{f}: no such file")
         self._local = Path(tempfile.mkdtemp(prefix="deploytool-ncnn-cpp."))
-        meta_file = self._local / "meta.json"
-        meta_file.write_text(json.dumps(dict(self.meta, param="model.param", bin="model.bin"), indent=2))
+        write_meta(self._local / META, with_model_files(self.meta, "model.param", "model.bin"))
         self._session = self._target().open()
-        for local, name in ((self.param, "model.param"), (self.bin, "model.bin"), (meta_file, "meta.json")):
+        for local, name in ((self.param, "model.param"), (self.bin, "model.bin"), (self._local / META, META)):
             self._session.put(local, name)
 
     def _unload(self) -> None:

@@ -3,7 +3,7 @@
 The net runs in a worker process (backends/isolated.py): a native crash in ncnn or in the Vulkan driver
 becomes this backend's BackendError ("backend ncnn-vulkan crashed (killed by SIGFPE) while running the
 model; log: …") and the other backends and the report carry on. The .param and .bin are checked before
-ncnn sees them (ncnn_param.check_files), so files that do not match are the user's error (SpecError).
+ncnn sees them (ncnn_param.read_model), so files that do not match are the user's error (SpecError).
 With DEPLOYTOOL_NCNN_IN_PROCESS=1 (for a process that is itself a disposable worker, such as a bench
 worker, whose memory readings must include the net) the net runs in this process.
 """
@@ -19,29 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError, SpecError
-from ..ncnn_param import check_files, read_param
+from ..ncnn_param import NcnnModel, as_floats, read_model, read_param, requantized_blobs
+from ..registry import NCNN_PRECISIONS
+from ..runfolder import check_ncnn_options
 from .base import Runner
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 IN_PROCESS_ENV = "DEPLOYTOOL_NCNN_IN_PROCESS"
-# The ncnn.Option fields that meta.json's "ncnn_options" may set (`bench --tune` writes them), with their
-# type. They are applied after the precision's settings, before the model loads. The C++ runner
-# (cmake/src/main.cpp) and the bundle's run_ncnn.py accept exactly these keys.
-OPTION_TYPES: dict[str, type] = {
-    "lightmode": bool,
-    "openmp_blocktime": int,
-    "use_winograd_convolution": bool,
-    "use_winograd23_convolution": bool,
-    "use_winograd43_convolution": bool,
-    "use_winograd63_convolution": bool,
-    "use_sgemm_convolution": bool,
-    "use_packing_layout": bool,
-    "use_fp16_packed": bool,
-    "use_fp16_storage": bool,
-    "use_fp16_arithmetic": bool,
-    "use_bf16_packed": bool,
-    "use_bf16_storage": bool,
-}
 
 
 @contextmanager
@@ -81,39 +64,14 @@ def vulkan_device_name() -> str | None:
 def set_precision(opt, precision: str, vulkan: bool) -> None:
     """fp32: no reduced-precision storage or arithmetic (on Vulkan fp16 storage stays, as deployed);
     fp16: ncnn's fast defaults; bf16: bf16 storage and packing (CPUs with bf16 support), fp16 off."""
-    if precision not in PRECISIONS:
-        raise SpecError(f"unknown ncnn precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision not in NCNN_PRECISIONS:
+        raise SpecError(f"unknown ncnn precision {precision!r}; use one of {', '.join(NCNN_PRECISIONS)}")
     if precision in ("fp32", "bf16", "int8"):  # int8: an int8 model, fp32 elsewhere (int8 inference is on)
         opt.use_fp16_packed = vulkan
         opt.use_fp16_storage = vulkan
         opt.use_fp16_arithmetic = False
         opt.use_bf16_storage = precision == "bf16"
         opt.use_bf16_packed = precision == "bf16"
-
-
-def check_ncnn_options(options, where: str) -> dict:
-    """meta.json's "ncnn_options" ({ncnn.Option field: value}) as a dict; anything else is a SpecError
-    naming `where` and the first bad entry."""
-    if not isinstance(options, dict):
-        raise SpecError(f'{where}: "ncnn_options" must be an object of ncnn.Option fields, not {options!r}')
-    for key, value in options.items():
-        kind = OPTION_TYPES.get(key)
-        if kind is None:
-            raise SpecError(
-                f'{where}: unknown ncnn option {key!r} in "ncnn_options"; known: {", ".join(OPTION_TYPES)}'
-            )
-        # bool is an int in Python: compare the exact type; openmp_blocktime is milliseconds, >= 0
-        if type(value) is not kind or (kind is int and value < 0):
-            want = "true or false" if kind is bool else "a whole number of milliseconds, 0 or more"
-            raise SpecError(f'{where}: "ncnn_options" {key} must be {want}, got {value!r}')
-    return dict(options)
-
-
-def ncnn_options_of(meta: dict | None, where: str = "meta.json") -> dict:
-    """The checked "ncnn_options" of a meta.json (empty when it has none: ncnn's defaults)."""
-    if not meta or "ncnn_options" not in meta:
-        return {}
-    return check_ncnn_options(meta["ncnn_options"], where)
 
 
 def apply_options(opt, options: dict) -> dict:
@@ -204,7 +162,7 @@ class NcnnSession:
 class NcnnRunner(Runner):
     """ncnn's CPU path; NcnnVulkanRunner switches on Vulkan compute. The net lives in a worker process
     unless `isolate` is False (default: isolated unless DEPLOYTOOL_NCNN_IN_PROCESS=1). `options` are
-    ncnn.Option fields set after the precision's (a meta.json's "ncnn_options", see OPTION_TYPES);
+    ncnn.Option fields set after the precision's (a meta.json's "ncnn_options", see runfolder.OPTION_TYPES);
     extra() reports them as the loaded net's Option holds them."""
 
     name = "ncnn-cpu"
@@ -212,8 +170,9 @@ class NcnnRunner(Runner):
 
     def __init__(
         self, param: Path, bin: Path, precision: str = "fp32", threads: int = 2, isolate: bool | None = None,
-        options: dict | None = None,
+        options: dict | None = None, model: NcnnModel | None = None,
     ):  # fmt: skip
+        """`model`: these files already read (read_model), so that loading does not read them again."""
         super().__init__()
         self.param, self.bin = Path(param), Path(bin)
         self.precision = precision
@@ -221,7 +180,9 @@ class NcnnRunner(Runner):
         self.options = check_ncnn_options(options or {}, f"{self.param.parent / 'meta.json'}")
         self._applied: dict | None = None
         self.isolate = os.environ.get(IN_PROCESS_ENV) != "1" if isolate is None else isolate
-        self.graph = read_param(self.param)
+        self._model = model
+        self._requantized: dict[str, float] = {}  # blob: scale, see extract_all
+        self.graph = model.graph if model is not None else read_param(self.param)
         self.input_names = self.graph.input_names
         self.output_names = self.graph.output_names
         self._worker = None  # isolated.Worker
@@ -244,9 +205,11 @@ class NcnnRunner(Runner):
     def _load(self) -> None:
         if not self.bin.is_file():
             raise SpecError(f"{self.bin}: no such .bin file")
-        if self.precision not in PRECISIONS:
-            raise SpecError(f"unknown ncnn precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        check_files(self.param, self.bin, self.graph)  # what ncnn would crash on or misread is refused here
+        if self.precision not in NCNN_PRECISIONS:
+            choices = ", ".join(NCNN_PRECISIONS)
+            raise SpecError(f"unknown ncnn precision {self.precision!r}; use one of {choices}")
+        model = self._model or read_model(self.param, self.bin, self.graph)  # refuses what ncnn would misread
+        self._requantized = requantized_blobs(model)
         args = (
             str(self.param.resolve()), str(self.bin.resolve()), self.use_vulkan, self.precision, self.threads,
             self.input_names, self.output_names, self.options,
@@ -299,11 +262,9 @@ class NcnnRunner(Runner):
 
     def extract_all(self, feed) -> dict[str, np.ndarray]:
         """Every blob of the graph, in graph order (for per-layer comparisons)."""
-        from ..quantize import as_floats
-
         tops = [top for layer in self.graph.layers for top in layer.tops]
         blobs = self._call("extract_all", self._named(feed), tops, doing="extracting every blob")
-        return as_floats(blobs, self.param, self.bin)  # an int8 model's requantised blobs are int8 values
+        return as_floats(blobs, self._requantized)  # an int8 model's requantised blobs are int8 values
 
 
 class NcnnVulkanRunner(NcnnRunner):

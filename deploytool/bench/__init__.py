@@ -7,8 +7,8 @@
 
 from .auto import choose_variant
 from .facts import count_macs, count_parameters, machine_info
-from .orchestrate import BenchOptions, bench_model
-from .records import BenchReport, BenchRow, Selection
+from .orchestrate import bench_model
+from .records import BenchOptions, BenchReport, BenchRow, Selection
 from .render import HEADERS, bench_markdown, render_bench, summary_lines, table_rows
 from .select import select_all, select_variant
 from .timing import SPREAD_WIDE, latency_stats

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from .. import judge
-from ..backends.registry import get_backend, parse_backends
 from ..errors import SpecError
-from ..pipeline import RunOptions
+from ..options import RunOptions
+from ..pipeline import run
+from ..registry import get_backend, parse_backends
+from ..results import RunReport
 from ..spec import ModelSpec
-from .orchestrate import BenchOptions, bench_model
+from .orchestrate import bench_model
+from .records import BenchOptions
 from .select import select_variant
 from .variants import VARIANT_BACKENDS, variant_run_options
 
@@ -45,3 +48,12 @@ def choose_variant(spec: ModelSpec, opts: RunOptions) -> tuple[RunOptions, str]:
     )
     pick = select_variant(report.rows, budget, opts.threads, spec.name)
     return variant_run_options(pick.variant, opts), pick.reason
+
+
+def run_auto(spec: ModelSpec, opts: RunOptions) -> RunReport:
+    """`run --precision auto`: choose the variant (choose_variant), then run the pipeline with it; the
+    report's notes say which variant and why."""
+    picked, reason = choose_variant(spec, opts)
+    report = run(spec, picked)
+    report.notes.insert(0, f"precision auto: {reason}")
+    return report

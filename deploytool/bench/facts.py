@@ -6,12 +6,16 @@ import math
 import os
 from pathlib import Path
 
-from ..backends.registry import Artifacts, RunnerConfig, get_backend
 from ..ncnn_param import read_param
+from ..registry import Artifacts, RunnerConfig, get_backend
 from ..spec import ModelSpec
 from .variants import BASELINE
 
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+# the SIMD flags that pick ncnn's and ONNX Runtime's fp16/bf16/int8 kernels (and so their rounding)
+CPU_FLAGS = (
+    "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+    "amx_int8",
+)  # fmt: skip
 MAC_LAYERS = (
     "Convolution",
     "Convolution1D",
@@ -29,16 +33,18 @@ MAC_LAYERS = (
 
 def machine_info() -> dict:
     """CPU model, core count, the SIMD flags that decide ncnn's and ORT's kernels, the Vulkan device."""
-    model, flags = None, set()
+    first: dict[str, str] = {}  # the first processor's fields
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+            first.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    flags = set(first.get("flags", "").split())
+    model = first.get("model name")
+    if model and "cpu family" in first:  # a virtual CPU's name can be as vague as "Intel(R) Xeon(R)"
+        family, number, stepping = first["cpu family"], first.get("model"), first.get("stepping")
+        model += f" (family {family}, model {number}, stepping {stepping})"
     info: dict = {
         "cpu": model,
         "cores": os.cpu_count(),

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import judge
 from ..atomic import write_text
-from ..backends.registry import (
+from ..errors import SpecError
+from ..inputs import calibration_images, inputs_for
+from ..options import Recipe, RunOptions
+from ..progress import StageTimer
+from ..quantize.ort import OrtQuantRecipe, quantize_onnx
+from ..registry import (
     REFERENCE,
     Artifacts,
     RunnerConfig,
@@ -19,50 +24,16 @@ from ..backends.registry import (
     parse_backends,
     select_backends,
 )
-from ..errors import SpecError
-from ..inputs import inputs_for
-from ..ort_quant import OrtQuantRecipe, quantize_onnx
-from ..pipeline import (
-    Recipe,
-    RunOptions,
-    StageTimer,
-    build_artifacts,
-    calibration_images,
-    convert_stage,
-    versions,
-)
 from ..results import BackendResult, InputItem
 from ..spec import ModelSpec, Tolerance
+from ..stages import build_artifacts, convert_stage
+from ..versions import versions
 from .facts import file_entry, machine_info, model_info
-from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchReport, BenchRow
+from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchOptions, BenchReport, BenchRow
 from .select import select_all
 from .timing import Job, measure_with_retries, time_preprocessing
 from .tune import TUNE_BACKEND, tune_variants
 from .variants import BASELINE, MIXED, MIXED_BACKEND, VARIANT_BACKENDS, VARIANTS, Variant, mixed_variant
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """Everything `deploytool bench` takes besides the model."""
-
-    out: Path
-    runs: int = 20
-    warmup: int = 3
-    threads: tuple[int, ...] = (2,)
-    backends: str | None = None  # None: every bench backend, the unavailable ones reported and skipped
-    images: tuple[Path, ...] = ()
-    weights: str | None = None
-    budget: str | None = None  # None: judge.DEFAULT_BUDGET
-    retries: int = 0  # re-measure a row with a wide spread up to this often; the lowest median is kept
-    recipe: Recipe = field(default_factory=Recipe)  # the converter; each variant sets its weights on top
-    tune: bool = False  # also search ncnn's runtime options of the fp32/int8 variants (bench/tune.py)
-    keep_fp32: tuple[str, ...] = ()  # set: an int8-mixed row, int8 with these layers kept fp32
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "threads", tuple(self.threads))
-        object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
-        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
 
 
 def validate(opts: BenchOptions) -> tuple[list[str], dict[str, tuple[bool, str | None]], judge.Budget]:

@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from ..judge import Budget
+from ..options import Recipe
+from ..registry import role
 from ..results import BackendResult, finite_or_text
 from .variants import Variant
 
-if TYPE_CHECKING:
-    from .orchestrate import BenchOptions
-
 SCHEMA = 1
-RATIO_BASELINE = "onnxruntime"  # every row's median is also given as a multiple of this backend's
-RATIO_BASELINE_INT8 = "onnxruntime/int8"  # ... and of this row's (ONNX Runtime's own int8 model)
+RATIO_BASELINE = role("ratio_baseline")  # every row's median is also given as a multiple of this backend's
+RATIO_BASELINE_INT8 = f"{RATIO_BASELINE}/int8"  # ... and of this row's (ONNX Runtime's own int8 model)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything `deploytool bench` takes besides the model."""
+
+    out: Path
+    runs: int = 20
+    warmup: int = 3
+    threads: tuple[int, ...] = (2,)
+    backends: str | None = None  # None: every bench backend, the unavailable ones reported and skipped
+    images: tuple[Path, ...] = ()
+    weights: str | None = None
+    budget: str | None = None  # None: judge.DEFAULT_BUDGET
+    retries: int = 0  # re-measure a row with a wide spread up to this often; the lowest median is kept
+    recipe: Recipe = field(default_factory=Recipe)  # the converter; each variant sets its weights on top
+    tune: bool = False  # also search ncnn's runtime options of the fp32/int8 variants (bench/tune.py)
+    keep_fp32: tuple[str, ...] = ()  # set: an int8-mixed row, int8 with these layers kept fp32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "threads", tuple(self.threads))
+        object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
 
 
 @dataclass

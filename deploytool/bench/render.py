@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backends.registry import REFERENCE
+from ..registry import REFERENCE
 from ..report import fmt
 from .records import RATIO_BASELINE, RATIO_BASELINE_INT8, BenchReport
 from .tune import render_tune, tune_markdown

@@ -17,9 +17,10 @@ import numpy as np
 
 from ..backends.base import by_spec_name
 from ..backends.ncnn_runner import IN_PROCESS_ENV
-from ..backends.registry import Artifacts, RunnerConfig, get_backend
 from ..errors import BackendError
-from ..spec import ModelSpec, build_model
+from ..model import build_model
+from ..registry import Artifacts, RunnerConfig, get_backend
+from ..spec import ModelSpec
 from ..tools import run_tool
 
 SPREAD_WIDE = 0.25  # (p90 - min) / median above this gets a spread_note

@@ -17,23 +17,21 @@ when it is then still the fastest, at least MIN_GAIN faster, and neither row has
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..atomic import write_text
-from ..backends.ncnn_runner import check_ncnn_options
-from ..backends.registry import Artifacts
 from ..judge import Budget
 from ..ncnn_param import NcnnGraph, read_param
+from ..registry import Artifacts, role
 from ..report import fmt
+from ..runfolder import META, check_ncnn_options, read_meta, with_model_files, write_meta
 from .records import BenchRow
 from .variants import Variant, get_variant
 
 BASES = ("fp32", "int8")  # the variants whose runtime options are tuned
 MIN_GAIN = 0.03  # a set must beat ncnn's defaults by this share of their median to replace them (noise)
-TUNE_BACKEND = "ncnn-cpu"
+TUNE_BACKEND = role("tune")
 
 
 @dataclass(frozen=True)
@@ -231,12 +229,11 @@ def record(art: Artifacts, options: dict) -> Path | None:
     """Write `options` as "ncnn_options" into the meta.json beside the model (naming the model files that
     were measured: an int8 folder holds the fp32 files too); None when there is no meta.json (a spec
     the runners do not take)."""
-    path = Path(art.ncnn_param).parent / "meta.json"
+    path = Path(art.ncnn_param).parent / META
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text())
-    meta.update(param=Path(art.ncnn_param).name, bin=Path(art.ncnn_bin).name, ncnn_options=dict(options))
-    write_text(path, json.dumps(meta, indent=2) + "\n")
+    meta = with_model_files(read_meta(path), art.ncnn_param, art.ncnn_bin)
+    write_meta(path, dict(meta, ncnn_options=dict(options)))
     return path
 
 

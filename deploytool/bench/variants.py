@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..backends.registry import default_backends
 from ..errors import SpecError
-from ..ort_quant import OrtQuantRecipe
-from ..pipeline import Recipe, RunOptions
+from ..options import Recipe, RunOptions
+from ..quantize.ort import OrtQuantRecipe
+from ..registry import default_backends, is_int8
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Variant:
     @property
     def int8(self) -> bool:
         """An int8-quantized model (ncnn's or ONNX Runtime's): judged at the int8 tolerance."""
-        return self.precision == "int8"
+        return is_int8(self.precision)
 
     def files_for(self, base: Recipe) -> Recipe | OrtQuantRecipe:
         """The recipe of this variant's files: for ncnn, the user's converter with this variant's weights;

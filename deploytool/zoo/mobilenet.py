@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..spec import IMAGENET_MEAN, IMAGENET_STD
 from .init import centre_classifier, photo_batchnorm, photo_inputs, seeded_weights
 
 STEM = 16
@@ -18,8 +19,6 @@ BLOCKS: tuple[tuple[int, int], ...] = (
     (32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (256, 1), (512, 2), (512, 1),
 )  # fmt: skip
 LOGIT_STD = 3.0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def conv_bn_relu6(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..spec import IMAGENET_MEAN, IMAGENET_STD
 from .init import centre_classifier, photo_batchnorm, photo_inputs, seeded_weights
-from .mobilenet import IMAGENET_MEAN, IMAGENET_STD
 
 STEM = 24
 # (output channels, units) per stage: ShuffleNet-v2 0.5x widths, 2-3-2 units instead of 4-8-4

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..spec import IMAGENET_MEAN, IMAGENET_STD
 from .init import centre_classifier, photo_inputs, seeded_weights
-from .mobilenet import IMAGENET_MEAN, IMAGENET_STD
 
 # VGG-11's configuration ("A") at width 1/8: output channels of each 3x3 conv, "M" a 2x2 max-pool
 CONFIG: tuple[int | str, ...] = (8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M")

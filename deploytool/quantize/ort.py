@@ -1,6 +1,6 @@
 """ONNX Runtime's own static int8 model of the exported ONNX file (the bench peer `onnxruntime/int8`):
 QDQ format, per-output-channel QInt8 weights, QUInt8 activations, MinMax calibration on the same photos and
-the same preprocessing as ncnn's int8 model (quantize.calibration_feeds).
+the same preprocessing as ncnn's int8 model (inputs.calibration_feeds).
 
 Why these settings (quantize_static's own guidance for x86-64, and measurements on this repo's models,
 issue 11):
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import BackendError, DeployError
+from ..atomic import atomic_path
+from ..errors import BackendError, DeployError
+from ..inputs import calibration_feeds
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def int8_path(onnx: Path) -> Path:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over quantize.calibration_feeds."""
+    """onnxruntime's CalibrationDataReader protocol over inputs.calibration_feeds."""
 
     def __init__(self, feeds: Callable[[], Iterable[dict[str, np.ndarray]]]):
         self._feeds = feeds
@@ -69,8 +70,6 @@ def quantize_onnx(
     """Write ONNX Runtime's static int8 model of `onnx` (default: model.int8.onnx beside it), calibrated
     on the spec's preprocessing of the `calib` photos. A failure inside onnxruntime is a BackendError."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from .quantize import calibration_feeds
 
     feeds = calibration_feeds(spec, list(calib))
     out = Path(out) if out is not None else int8_path(Path(onnx))
