@@ -21,8 +21,8 @@ from deploytool.atomic import write_text  # noqa: E402
 from deploytool.bench import BenchOptions, bench_markdown, bench_model  # noqa: E402
 from deploytool.errors import DeployError  # noqa: E402
 from deploytool.judge import DEFAULT_BUDGET  # noqa: E402
-from deploytool.pipeline import versions  # noqa: E402
-from deploytool.spec import load_spec  # noqa: E402
+from deploytool.spec_toml import load_spec  # noqa: E402
+from deploytool.versions import versions  # noqa: E402
 
 # Measured by hand on ResNet18, 2 threads, medians (issue 5).
 ANCHORS = {"onnxruntime": 18.4, "torchscript": 24.6, "ncnn-cpu/fp32": 13.1}

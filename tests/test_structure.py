@@ -103,3 +103,23 @@ def test_no_module_is_over_the_line_limit():
     }
     over = {name: n for name, n in sizes.items() if n > MAX_LINES and name not in DATA_TABLES}
     assert not over, f"split by concern: {over}"
+
+
+def test_the_scripts_import_names_the_package_has():
+    """scripts/ (make bench, the zoo timing) run outside the suite: a name moved in the package must not
+    break them silently."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for script in sorted((PACKAGE.parent / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deploytool"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    found = hasattr(module, alias.name)
+                    if not found and hasattr(module, "__path__"):
+                        found = importlib.util.find_spec(f"{node.module}.{alias.name}") is not None
+                    if not found:
+                        missing.append(f"{script.name}: {node.module}.{alias.name}")
+    assert not missing
